@@ -1,0 +1,1 @@
+"""Test harness: the ComfyUI host, tiny real-architecture fixtures, prompt graphs and the runner."""
