@@ -127,12 +127,14 @@ SD15_TINY_CONFIG = {
     "use_temporal_resblock": False, "use_temporal_attention": False,
 }
 
+# SVD_img2vid's unet_extra_config forces num_head_channels 64, so 64 is the
+# smallest width whose attention has a head at every level.
 SVD_TINY_CONFIG = {
     "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
-    "adm_in_channels": 768, "in_channels": 8, "out_channels": 4, "model_channels": 32,
+    "adm_in_channels": 768, "num_classes": "sequential", "in_channels": 8, "out_channels": 4, "model_channels": 64,
     "num_res_blocks": [1, 1, 1], "transformer_depth": [1, 1, 0], "channel_mult": [1, 2, 2],
     "transformer_depth_middle": 1, "use_linear_in_transformer": True, "context_dim": 1024,
-    "num_heads": -1, "num_head_channels": 32, "transformer_depth_output": [1, 1, 1, 1, 0, 0],
+    "num_heads": -1, "num_head_channels": 64, "transformer_depth_output": [1, 1, 1, 1, 0, 0],
     "use_temporal_resblock": True, "use_temporal_attention": True,
     "extra_ff_mix_layer": True, "use_spatial_context": True, "merge_strategy": "learned_with_images",
     "merge_factor": 0.0, "video_kernel_size": [3, 1, 1], "disable_temporal_crossattention": False,
