@@ -1,0 +1,220 @@
+"""UI-format workflows (what the frontend saves and loads) <-> API-format prompts.
+
+The frontend stores widget values as a positional list (``widgets_values``)
+in the order of the node's ``INPUT_TYPES``, with one extra value after every
+seed that has ``control_after_generate``. Both directions below use the live
+node definitions of the booted host, so a converted workflow always matches
+the nodes that will execute it.
+
+``adapt_for_fixtures`` rewrites a real-model prompt (Wan 1.3B, SVD-XT, ...)
+into one that runs on the tiny test fixtures: model files are swapped, text
+and image encoders are replaced by the test-only conditioning node, and sizes
+and step counts shrink.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+from . import fixtures
+
+FRONTEND_ONLY_NODES = {"Note", "MarkdownNote", "PrimitiveNode", "Reroute"}
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+WORKFLOWS_DIR = Path(__file__).resolve().parents[2] / "workflows"
+
+
+def _node_classes():
+    import nodes
+
+    return nodes.NODE_CLASS_MAPPINGS
+
+
+def ordered_inputs(class_type: str) -> list[tuple[str, tuple]]:
+    """``(name, spec)`` of every input of ``class_type``, required first, in declaration order."""
+    info = _node_classes()[class_type].INPUT_TYPES()
+    return [(n, s) for section in ("required", "optional") for n, s in info.get(section, {}).items()]
+
+
+def is_widget(spec: tuple) -> bool:
+    kind = spec[0]
+    return isinstance(kind, list) or kind in WIDGET_TYPES
+
+
+def has_control_widget(name: str, spec: tuple) -> bool:
+    options = spec[1] if len(spec) > 1 else {}
+    return bool(options.get("control_after_generate")) or (name in ("seed", "noise_seed") and spec[0] == "INT")
+
+
+def _outputs(class_type: str) -> list[tuple[str, str]]:
+    cls = _node_classes()[class_type]
+    types = list(getattr(cls, "RETURN_TYPES", ()))
+    names = list(getattr(cls, "RETURN_NAMES", None) or types)
+    return [(n, t if isinstance(t, str) else "COMBO") for n, t in zip(names, types)]
+
+
+def ui_to_api(workflow: dict) -> dict:
+    """Convert a UI-format workflow to the API prompt ``POST /prompt`` accepts.
+
+    Frontend-only nodes (notes, reroutes) and muted nodes (mode 2) are dropped.
+    """
+    links = {link[0]: link for link in workflow.get("links", [])}
+    prompt = {}
+    for node in workflow["nodes"]:
+        class_type = node["type"]
+        if class_type in FRONTEND_ONLY_NODES or node.get("mode", 0) == 2:
+            continue
+        linked = {}
+        for slot in node.get("inputs", []):
+            if slot.get("link") is not None:
+                link = links[slot["link"]]
+                linked[slot["name"]] = [str(link[1]), link[2]]
+        values = list(node.get("widgets_values") or [])
+        inputs = {}
+        for name, spec in ordered_inputs(class_type):
+            if is_widget(spec):
+                value = values.pop(0) if values else None
+                if has_control_widget(name, spec) and values and values[0] in ("fixed", "increment", "decrement", "randomize"):
+                    values.pop(0)
+                if name in linked:
+                    inputs[name] = linked[name]
+                elif value is not None:
+                    inputs[name] = value
+            elif name in linked:
+                inputs[name] = linked[name]
+        prompt[str(node["id"])] = {"class_type": class_type, "inputs": inputs}
+    return prompt
+
+
+def api_to_ui(prompt: dict, *, positions: dict | None = None, titles: dict | None = None, notes: list[dict] | None = None,
+              extra: dict | None = None) -> dict:
+    """Build a UI-format workflow from an API prompt (used to generate workflows/).
+
+    ``notes`` are ``{"text", "pos", "size"}`` dicts added as Note nodes.
+    """
+    positions = positions or {}
+    ui_nodes, ui_links = [], []
+    out_links: dict[tuple[str, int], list[int]] = {}
+    for node_id, node in prompt.items():
+        for name, value in node["inputs"].items():
+            if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str):
+                link_id = len(ui_links) + 1
+                src_type = _outputs(prompt[value[0]]["class_type"])[value[1]][1]
+                ui_links.append([link_id, int(value[0]), value[1], int(node_id), None, src_type, name])
+                out_links.setdefault((value[0], value[1]), []).append(link_id)
+    for order, (node_id, node) in enumerate(prompt.items()):
+        class_type = node["class_type"]
+        inputs, widgets = [], []
+        for name, spec in ordered_inputs(class_type):
+            value = node["inputs"].get(name)
+            linked = isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)
+            if is_widget(spec):
+                default = spec[1].get("default") if len(spec) > 1 else None
+                if default is None and isinstance(spec[0], list):
+                    default = spec[0][0] if spec[0] else None
+                widgets.append(default if linked or value is None else value)
+                if has_control_widget(name, spec):
+                    widgets.append("fixed")
+            if linked:
+                link_id = next(lk[0] for lk in ui_links if lk[3] == int(node_id) and lk[6] == name)
+                slot = {"name": name, "type": spec[0] if isinstance(spec[0], str) else "COMBO", "link": link_id}
+                if is_widget(spec):
+                    slot["widget"] = {"name": name}
+                inputs.append(slot)
+        for index, slot in enumerate(inputs):
+            for lk in ui_links:
+                if lk[0] == slot["link"]:
+                    lk[4] = index
+        outputs = [{"name": n, "type": t, "links": out_links.get((node_id, i), []), "slot_index": i} for i, (n, t) in enumerate(_outputs(class_type))]
+        entry = {"id": int(node_id), "type": class_type, "pos": list(positions.get(node_id, (60 + 320 * (order % 5), 80 + 260 * (order // 5)))),
+                 "size": [300, 120], "flags": {}, "order": order, "mode": 0, "inputs": inputs, "outputs": outputs,
+                 "properties": {"Node name for S&R": class_type}, "widgets_values": widgets}
+        if titles and node_id in titles:
+            entry["title"] = titles[node_id]
+        ui_nodes.append(entry)
+    next_id = max(int(k) for k in prompt) + 1
+    for note in notes or []:
+        ui_nodes.append({"id": next_id, "type": "Note", "pos": list(note.get("pos", (60, -220))), "size": list(note.get("size", (620, 200))),
+                         "flags": {}, "order": len(ui_nodes), "mode": 0, "inputs": [], "outputs": [], "properties": {},
+                         "widgets_values": [note["text"]], "color": "#432", "bgcolor": "#653"})
+        next_id += 1
+    return {"last_node_id": next_id - 1, "last_link_id": len(ui_links), "nodes": ui_nodes,
+            "links": [lk[:6] for lk in ui_links], "groups": [], "config": {}, "extra": extra or {"ds": {"scale": 0.8, "offset": [0, 0]}},
+            "version": 0.4}
+
+
+def load(name: str) -> dict:
+    return json.loads((WORKFLOWS_DIR / name).read_text())
+
+
+# ------------------------------------------------------------------ tiny-fixture adaptation
+
+TEXT_ENCODE = {"CLIPTextEncode"}
+DROP = {"CLIPLoader", "DualCLIPLoader", "CLIPVisionLoader", "CLIPVisionEncode", "LoadImage"}
+MODEL_FILES = {
+    "wan": fixtures.WAN_T2V.name, "wan_i2v": fixtures.WAN_I2V.name, "hunyuan_video": fixtures.HUNYUAN.name,
+    "trained_wan": fixtures.TRAINED_WAN_LINK.name,
+}
+
+
+def adapt_for_fixtures(prompt: dict, family: str, *, width: int = 64, height: int = 64, length: int = 9, steps: int = 4,
+                       vae: str = fixtures.WAN_VAE.name, prompt_index: int = 0) -> dict:
+    """Rewrite a real-model API prompt so it runs on the tiny fixtures of ``family``.
+
+    * UNETLoader -> the family's tiny file; VAELoader -> ``vae``;
+    * every CLIPTextEncode -> LightCacheTestConditioning (output 0 keeps the
+      link shape: one CONDITIONING per encoder, each with its own seed);
+    * text/vision encoder loaders and image loaders are removed once unused;
+    * latent sizes, lengths and step counts shrink.
+    """
+    prompt = copy.deepcopy(prompt)
+    for index, (node_id, node) in enumerate(sorted(prompt.items())):
+        ct, inputs = node["class_type"], node["inputs"]
+        if ct == "UNETLoader":
+            inputs.update(unet_name=MODEL_FILES[family], weight_dtype="default")
+        elif ct == "VAELoader":
+            inputs["vae_name"] = vae
+        elif ct in TEXT_ENCODE:
+            prompt[node_id] = {"class_type": "LightCacheTestConditioning",
+                               "inputs": {"family": family, "seed": index, "prompt_index": prompt_index, "width": width, "height": height, "length": length}}
+        elif ct in ("EmptyHunyuanLatentVideo", "EmptyLatentImage", "EmptyWanLatentVideo"):
+            inputs.update({k: v for k, v in dict(width=width, height=height, length=length).items() if k in inputs})
+        if "steps" in inputs and not isinstance(inputs["steps"], list):
+            inputs["steps"] = steps
+    # The test node's output 1 is the family's negative (the empty prompt for
+    # the trained fixtures): wire it wherever an encoder fed a "negative" input.
+    replaced = {k for k, n in prompt.items() if n["class_type"] == "LightCacheTestConditioning"}
+    for node in prompt.values():
+        for name, value in node["inputs"].items():
+            if name == "negative" and isinstance(value, list) and len(value) == 2 and str(value[0]) in replaced:
+                node["inputs"][name] = [str(value[0]), 1]
+    used = {str(v[0]) for n in prompt.values() for v in n["inputs"].values() if isinstance(v, list) and len(v) == 2}
+    for node_id in [k for k, n in prompt.items() if n["class_type"] in DROP and k not in used]:
+        del prompt[node_id]
+    return prompt
+
+
+def to_baseline(prompt: dict) -> dict:
+    """The same prompt with ComfyUI's own nodes: KSampler, VAEDecode, no chunk patch.
+
+    LightCache Sampler keeps every KSampler input under the same name, so the
+    swap keeps exactly the KSampler inputs; Chunked Model Patch is bypassed.
+    """
+    prompt = copy.deepcopy(prompt)
+    ksampler_inputs = {name for name, _ in ordered_inputs("KSampler")}
+    vae_inputs = {name for name, _ in ordered_inputs("VAEDecode")}
+    bypass = {k: n["inputs"]["model"] for k, n in prompt.items() if n["class_type"] in ("ChunkedModelPatch", "LightCacheModelPatch")}
+    for node_id in bypass:
+        del prompt[node_id]
+    for node in prompt.values():
+        for name, value in list(node["inputs"].items()):
+            while isinstance(value, list) and len(value) == 2 and str(value[0]) in bypass:
+                value = bypass[str(value[0])]
+            node["inputs"][name] = value
+        if node["class_type"] == "LightCacheSampler":
+            node["class_type"] = "KSampler"
+            node["inputs"] = {k: v for k, v in node["inputs"].items() if k in ksampler_inputs}
+        elif node["class_type"] == "SlicedVAEDecode":
+            node["class_type"] = "VAEDecode"
+            node["inputs"] = {k: v for k, v in node["inputs"].items() if k in vae_inputs}
+    return prompt
