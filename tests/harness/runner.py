@@ -173,7 +173,8 @@ class ServerRunner:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 180.0) -> "ServerRunner":
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        for sub in ("", "output", "input", "user"):
+            (self.workdir / sub).mkdir(parents=True, exist_ok=True)
         yaml_path = self.workdir / "extra_model_paths.yaml"
         subdirs = ("diffusion_models", "vae", "checkpoints", "loras", "clip_vision", "text_encoders")
         lines = ["lightcache_tests:", f"  base_path: {self.models_dir}", "  is_default: true"]
