@@ -25,7 +25,12 @@ $(STAMP): tests/requirements-host.txt requirements.txt
 host: $(STAMP)
 	$(PY) tests/harness/host.py fetch
 
-test: host
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# Debian's Chromium for the end-to-end browser test; Playwright never downloads a browser.
+browser:
+	test -x /usr/bin/chromium || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends chromium)
+
+test: host browser
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 demo: host

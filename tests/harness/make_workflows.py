@@ -54,8 +54,9 @@ def wan_t2v(unet: str, title: str, width=832, height=480, length=33, steps=30, c
         "11": {"class_type": "SaveAnimatedWEBP", "inputs": {"images": ["10", 0], "filename_prefix": "LightCache/wan", "fps": 16.0,
                                                             "lossless": False, "quality": 90, "method": "default"}},
     }
-    pos = {"1": (40, 80), "2": (40, 240), "3": (40, 420), "4": (380, 80), "5": (380, 220), "6": (380, 380), "7": (380, 620),
-           "8": (760, 620), "9": (760, 80), "10": (1140, 80), "11": (1140, 260)}
+    # Column layout sized for the real node heights (the sampler grows after a run).
+    pos = {"1": (40, 80), "2": (40, 260), "3": (40, 440), "4": (400, 80), "5": (400, 240), "6": (400, 520), "7": (400, 760),
+           "8": (780, 760), "9": (780, 80), "10": (1200, 80), "11": (1200, 380)}
     return p, pos, title
 
 
