@@ -60,19 +60,111 @@ def wan_t2v(unet: str, title: str, width=832, height=480, length=33, steps=30, c
     return p, pos, title
 
 
+def wan22_ti2v_5b() -> tuple[dict, dict, str]:
+    p, pos, _ = wan_t2v("wan2.2_ti2v_5B_fp16.safetensors", "Wan 2.2 TI2V 5B", width=1280, height=704, length=49, steps=20, cfg=5.0)
+    p["3"]["inputs"]["vae_name"] = "wan2.2_vae.safetensors"
+    p["8"] = {"class_type": "Wan22ImageToVideoLatent", "inputs": {"vae": ["3", 0], "width": 1280, "height": 704, "length": 49, "batch_size": 1}}
+    p["4"]["inputs"]["shift"] = 8.0
+    p["11"]["inputs"]["fps"] = 24.0
+    return p, pos, "Wan 2.2 TI2V 5B (text to video)"
+
+
+def hunyuan_t2v() -> tuple[dict, dict, str]:
+    p, pos, _ = wan_t2v("hunyuan_video_t2v_720p_bf16.safetensors", "HunyuanVideo T2V", width=848, height=480, length=73, steps=30, cfg=1.0, shift=7.0)
+    p["2"] = {"class_type": "DualCLIPLoader", "inputs": {"clip_name1": "clip_l.safetensors", "clip_name2": "llava_llama3_fp8_scaled.safetensors",
+                                                          "type": "hunyuan_video", "device": "default"}}
+    p["3"]["inputs"]["vae_name"] = "hunyuan_video_vae_bf16.safetensors"
+    p["12"] = {"class_type": "FluxGuidance", "inputs": {"conditioning": ["6", 0], "guidance": 6.0}}
+    p["9"]["inputs"]["positive"] = ["12", 0]
+    p["11"]["inputs"]["fps"] = 24.0
+    pos = dict(pos, **{"12": (400, 380), "6": (40, 620)})
+    return p, pos, "HunyuanVideo T2V 720p (guidance-distilled: cfg 1, FluxGuidance 6)"
+
+
+def svd_xt() -> tuple[dict, dict, str]:
+    p = {
+        "1": {"class_type": "ImageOnlyCheckpointLoader", "inputs": {"ckpt_name": "svd_xt.safetensors"}},
+        "2": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+        "3": {"class_type": "SVD_img2vid_Conditioning", "inputs": {"clip_vision": ["1", 1], "init_image": ["2", 0], "vae": ["1", 2], "width": 1024,
+                                                                   "height": 576, "video_frames": 25, "motion_bucket_id": 127, "fps": 6, "augmentation_level": 0.0}},
+        "4": {"class_type": "VideoLinearCFGGuidance", "inputs": {"model": ["1", 0], "min_cfg": 1.0}},
+        "5": {"class_type": "ChunkedModelPatch", "inputs": {"model": ["4", 0]}},
+        "9": _sampler(["5", 0], ["3", 0], ["3", 1], ["3", 2], 25, 2.5, sampler="euler", scheduler="karras", mode="deepcache"),
+        "10": {"class_type": "SlicedVAEDecode", "inputs": {"samples": ["9", 0], "vae": ["1", 2]}},
+        "11": {"class_type": "SaveAnimatedWEBP", "inputs": {"images": ["10", 0], "filename_prefix": "LightCache/svd", "fps": 6.0,
+                                                            "lossless": False, "quality": 90, "method": "default"}},
+    }
+    pos = {"1": (40, 80), "2": (40, 300), "3": (400, 80), "4": (400, 420), "5": (400, 560), "9": (780, 80), "10": (1200, 80), "11": (1200, 380)}
+    return p, pos, "SVD-XT image to video (DeepCache-style UNet caching)"
+
+
+def animatediff_lightning() -> tuple[dict, dict, str]:
+    p = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "epicrealism_naturalSinRC1VAE.safetensors"}},
+        "2": {"class_type": "ADE_LoadAnimateDiffModel", "inputs": {"model_name": "animatediff_lightning_8step_comfyui.safetensors"}},
+        "3": {"class_type": "ADE_ApplyAnimateDiffModelSimple", "inputs": {"motion_model": ["2", 0]}},
+        "4": {"class_type": "ADE_UseEvolvedSampling", "inputs": {"model": ["1", 0], "beta_schedule": "sqrt_linear (AnimateDiff)", "m_models": ["3", 0]}},
+        "5": {"class_type": "ChunkedModelPatch", "inputs": {"model": ["4", 0]}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a girl smiling, soft light, photorealistic"}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
+        "8": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 512, "batch_size": 16}},
+        "9": _sampler(["5", 0], ["6", 0], ["7", 0], ["8", 0], 8, 1.0, sampler="euler", scheduler="sgm_uniform", mode="deepcache"),
+        "10": {"class_type": "SlicedVAEDecode", "inputs": {"samples": ["9", 0], "vae": ["1", 2]}},
+        "11": {"class_type": "SaveAnimatedWEBP", "inputs": {"images": ["10", 0], "filename_prefix": "LightCache/animatediff", "fps": 8.0,
+                                                            "lossless": False, "quality": 90, "method": "default"}},
+    }
+    pos = {"1": (40, 80), "2": (40, 300), "3": (40, 440), "4": (400, 80), "5": (400, 240), "6": (400, 400), "7": (400, 640),
+           "8": (780, 760), "9": (780, 80), "10": (1200, 80), "11": (1200, 380)}
+    return p, pos, "AnimateDiff-Lightning 8-step (needs ComfyUI-AnimateDiff-Evolved)"
+
+
+WORKFLOWS = {
+    "lightcache_wan21_t2v_1.3B.json": (lambda: wan_t2v("wan2.1_t2v_1.3B_fp16.safetensors", "Wan 2.1 T2V 1.3B"),
+                                       "Models: wan2.1_t2v_1.3B_fp16.safetensors (diffusion_models), umt5_xxl_fp8_e4m3fn_scaled.safetensors (text_encoders), wan_2.1_vae.safetensors (vae)."),
+    "lightcache_wan21_t2v_14B.json": (lambda: wan_t2v("wan2.1_t2v_14B_fp8_e4m3fn.safetensors", "Wan 2.1 T2V 14B", width=1280, height=720, length=33),
+                                      "Models: wan2.1_t2v_14B_fp8_e4m3fn.safetensors (diffusion_models), umt5_xxl_fp8_e4m3fn_scaled.safetensors (text_encoders), wan_2.1_vae.safetensors (vae). At 720p, Chunked Model Patch and Sliced VAE Decode are what keep 24 GB cards out of OOM."),
+    "lightcache_wan22_ti2v_5B.json": (wan22_ti2v_5b,
+                                      "Models: wan2.2_ti2v_5B_fp16.safetensors (diffusion_models), umt5_xxl_fp8_e4m3fn_scaled.safetensors (text_encoders), wan2.2_vae.safetensors (vae)."),
+    "lightcache_hunyuan_video_t2v.json": (hunyuan_t2v,
+                                          "Models: hunyuan_video_t2v_720p_bf16.safetensors (diffusion_models), clip_l.safetensors + llava_llama3_fp8_scaled.safetensors (text_encoders), hunyuan_video_vae_bf16.safetensors (vae). Sliced VAE Decode falls back to VAE Decode for this VAE and says so in its report."),
+    "lightcache_svd_xt_img2vid.json": (svd_xt,
+                                       "Models: svd_xt.safetensors (checkpoints). Put your start image in ComfyUI/input. cache_mode deepcache reuses the deep UNet features; threshold trades speed for fidelity."),
+    "lightcache_animatediff_lightning.json": (animatediff_lightning,
+                                              "Needs the ComfyUI-AnimateDiff-Evolved pack. Models: epicrealism_naturalSinRC1VAE.safetensors (checkpoints), animatediff_lightning_8step_comfyui.safetensors (animatediff_models). cfg 1 as Lightning expects; deepcache skips the motion modules inside skipped UNet blocks and runs those in recomputed blocks."),
+}
+
+
 def build_all() -> dict[str, dict]:
     from harness.workflow import api_to_ui
 
-    specs = {
-        "lightcache_wan21_t2v_1.3B.json": (*wan_t2v("wan2.1_t2v_1.3B_fp16.safetensors", "Wan 2.1 T2V 1.3B"),
-                                           "Models: wan2.1_t2v_1.3B_fp16.safetensors (diffusion_models), umt5_xxl_fp8_e4m3fn_scaled.safetensors (text_encoders), wan_2.1_vae.safetensors (vae)."),
-    }
     out = {}
-    for name, (prompt, positions, title, models_line) in specs.items():
-        threshold = prompt["9"]["inputs"].get("threshold", "default")
+    for name, (spec, models_line) in WORKFLOWS.items():
+        prompt, positions, title = spec()
+        sampler = next(n for n in prompt.values() if n["class_type"] == "LightCacheSampler")["inputs"]
+        threshold = sampler.get("threshold", "default")
         note = f"{title} with LightCache\n{models_line}\n\n" + LIGHTCACHE_NOTE.format(threshold=threshold)
-        out[name] = api_to_ui(prompt, positions=positions, notes=[{"text": note, "pos": (40, -260), "size": (1100, 300)}])
+        if sampler.get("cache_mode") == "deepcache":
+            note = note.replace("LightCache Sampler (cache_mode mix", "LightCache Sampler (cache_mode deepcache")
+        out[name] = api_to_ui(prompt, positions=positions, notes=[{"text": note, "pos": (40, -300), "size": (1100, 320)}])
     return out
+
+
+def write_thumbnail(path: Path, title: str) -> None:
+    """A small card for the template browser (a same-named .jpg is its thumbnail)."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (512, 288), (29, 39, 51))
+    draw = ImageDraw.Draw(img)
+    draw.text((24, 20), "LightCache", fill=(127, 209, 255))
+    draw.text((24, 44), title, fill=(230, 230, 230))
+    for i, (label, colour) in enumerate((("Chunked Model Patch", (95, 191, 127)), ("LightCache Sampler", (242, 193, 78)), ("Sliced VAE Decode", (224, 122, 95)))):
+        x = 24 + i * 162
+        draw.rounded_rectangle((x, 120, x + 150, 190), radius=10, outline=colour, width=3)
+        draw.text((x + 10, 148), label, fill=colour)
+    for i, code in enumerate("CCCSSGSBSSCSSGSSSC"):
+        colour = {"C": (120, 120, 120), "S": (95, 191, 127), "G": (78, 201, 242), "B": (242, 193, 78)}[code]
+        draw.rectangle((24 + i * 26, 222, 46 + i * 26, 244), fill=colour)
+    img.save(path, quality=85)
 
 
 def main() -> None:
@@ -81,6 +173,8 @@ def main() -> None:
     folder.mkdir(exist_ok=True)
     for name, workflow in build_all().items():
         (folder / name).write_text(json.dumps(workflow, indent=1) + "\n")
+        title = WORKFLOWS[name][0]()[2]
+        write_thumbnail(folder / name.replace(".json", ".jpg"), title)
         print("wrote", folder / name)
 
 

@@ -24,14 +24,36 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 WORKFLOWS_DIR = Path(__file__).resolve().parents[2] / "workflows"
 
 
+# Nodes of other packs that a bundled workflow uses (AnimateDiff-Evolved). Their
+# definitions are written down here so a workflow can be generated and read
+# without that pack installed; tests that need them to execute are skipped.
+EXTERNAL_NODES = {
+    "ADE_LoadAnimateDiffModel": {"inputs": [("model_name", (["animatediff_lightning_8step_comfyui.safetensors"], {}))],
+                                 "outputs": [("MOTION_MODEL", "MOTION_MODEL_ADE")]},
+    "ADE_ApplyAnimateDiffModelSimple": {"inputs": [("motion_model", ("MOTION_MODEL_ADE", {}))], "outputs": [("M_MODELS", "M_MODELS")]},
+    "ADE_UseEvolvedSampling": {"inputs": [("model", ("MODEL", {})), ("beta_schedule", (["autoselect", "sqrt_linear (AnimateDiff)", "lcm >> sqrt_linear"], {"default": "autoselect"})),
+                                          ("m_models", ("M_MODELS", {}))], "outputs": [("MODEL", "MODEL")]},
+}
+EXTERNAL_PACKS = {"ADE_": "ComfyUI-AnimateDiff-Evolved"}
+
+
 def _node_classes():
     import nodes
 
     return nodes.NODE_CLASS_MAPPINGS
 
 
+def missing_pack(class_type: str) -> str | None:
+    """The name of the pack a node type needs when that pack is not installed, else None."""
+    if class_type in _node_classes():
+        return None
+    return next((pack for prefix, pack in EXTERNAL_PACKS.items() if class_type.startswith(prefix)), None)
+
+
 def ordered_inputs(class_type: str) -> list[tuple[str, tuple]]:
     """``(name, spec)`` of every input of ``class_type``, required first, in declaration order."""
+    if class_type not in _node_classes() and class_type in EXTERNAL_NODES:
+        return list(EXTERNAL_NODES[class_type]["inputs"])
     info = _node_classes()[class_type].INPUT_TYPES()
     return [(n, s) for section in ("required", "optional") for n, s in info.get(section, {}).items()]
 
@@ -47,6 +69,8 @@ def has_control_widget(name: str, spec: tuple) -> bool:
 
 
 def _outputs(class_type: str) -> list[tuple[str, str]]:
+    if class_type not in _node_classes() and class_type in EXTERNAL_NODES:
+        return list(EXTERNAL_NODES[class_type]["outputs"])
     cls = _node_classes()[class_type]
     types = list(getattr(cls, "RETURN_TYPES", ()))
     names = list(getattr(cls, "RETURN_NAMES", None) or types)
@@ -150,24 +174,45 @@ def load(name: str) -> dict:
 # ------------------------------------------------------------------ tiny-fixture adaptation
 
 TEXT_ENCODE = {"CLIPTextEncode"}
-DROP = {"CLIPLoader", "DualCLIPLoader", "CLIPVisionLoader", "CLIPVisionEncode", "LoadImage"}
+DROP = {"CLIPLoader", "DualCLIPLoader", "CLIPVisionLoader", "CLIPVisionEncode", "LoadImage", "VAELoader"}
+REPLACED = {"ImageOnlyCheckpointLoader", "SVD_img2vid_Conditioning", "Wan22ImageToVideoLatent"}
 MODEL_FILES = {
     "wan": fixtures.WAN_T2V.name, "wan_i2v": fixtures.WAN_I2V.name, "hunyuan_video": fixtures.HUNYUAN.name,
     "trained_wan": fixtures.TRAINED_WAN_LINK.name,
 }
 
 
+def _rewire(prompt: dict, old_id: str, mapping: dict[int, list]) -> None:
+    """Point every link to output ``i`` of ``old_id`` at ``mapping[i]``."""
+    for node in prompt.values():
+        for name, value in node["inputs"].items():
+            if isinstance(value, list) and len(value) == 2 and str(value[0]) == old_id and value[1] in mapping:
+                node["inputs"][name] = list(mapping[value[1]])
+
+
 def adapt_for_fixtures(prompt: dict, family: str, *, width: int = 64, height: int = 64, length: int = 9, steps: int = 4,
-                       vae: str = fixtures.WAN_VAE.name, prompt_index: int = 0) -> dict:
+                       vae: str | None = None, prompt_index: int = 0) -> dict:
     """Rewrite a real-model API prompt so it runs on the tiny fixtures of ``family``.
 
-    * UNETLoader -> the family's tiny file; VAELoader -> ``vae``;
-    * every CLIPTextEncode -> LightCacheTestConditioning (output 0 keeps the
-      link shape: one CONDITIONING per encoder, each with its own seed);
+    * UNETLoader -> the family's tiny file; VAELoader -> the family's tiny VAE;
+    * every CLIPTextEncode -> LightCacheTestConditioning (one per encoder, each
+      with its own seed; encoders feeding a ``negative`` input use its output 1);
+    * SVD's checkpoint loader and image conditioning -> the test UNet loader,
+      the SD VAE, the test conditioning and an empty latent of ``length`` frames;
+    * Wan 2.2's image-to-video latent -> an empty Wan latent;
     * text/vision encoder loaders and image loaders are removed once unused;
     * latent sizes, lengths and step counts shrink.
     """
     prompt = copy.deepcopy(prompt)
+    vae = vae or (fixtures.SD_VAE.name if family == "svd" else fixtures.WAN_VAE.name)
+    next_id = max(int(k) for k in prompt) + 1
+
+    def add(class_type: str, **inputs) -> str:
+        nonlocal next_id
+        node_id, next_id = str(next_id), next_id + 1
+        prompt[node_id] = {"class_type": class_type, "inputs": inputs}
+        return node_id
+
     for index, (node_id, node) in enumerate(sorted(prompt.items())):
         ct, inputs = node["class_type"], node["inputs"]
         if ct == "UNETLoader":
@@ -179,6 +224,15 @@ def adapt_for_fixtures(prompt: dict, family: str, *, width: int = 64, height: in
                                "inputs": {"family": family, "seed": index, "prompt_index": prompt_index, "width": width, "height": height, "length": length}}
         elif ct in ("EmptyHunyuanLatentVideo", "EmptyLatentImage", "EmptyWanLatentVideo"):
             inputs.update({k: v for k, v in dict(width=width, height=height, length=length).items() if k in inputs})
+        elif ct == "Wan22ImageToVideoLatent":
+            _rewire(prompt, node_id, {0: [add("EmptyHunyuanLatentVideo", width=width, height=height, length=length, batch_size=1), 0]})
+        elif ct == "ImageOnlyCheckpointLoader":
+            unet = add("LightCacheTestUNetLoader", unet_name=fixtures.SVD_UNET.name, family="SVD_img2vid")
+            _rewire(prompt, node_id, {0: [unet, 0], 2: [add("VAELoader", vae_name=vae), 0]})
+        elif ct == "SVD_img2vid_Conditioning":
+            cond = add("LightCacheTestConditioning", family="svd", seed=index, prompt_index=0, width=width, height=height, length=length)
+            latent = add("EmptyLatentImage", width=width, height=height, batch_size=length)
+            _rewire(prompt, node_id, {0: [cond, 0], 1: [cond, 1], 2: [latent, 0]})
         if "steps" in inputs and not isinstance(inputs["steps"], list):
             inputs["steps"] = steps
     # The test node's output 1 is the family's negative (the empty prompt for
@@ -186,12 +240,16 @@ def adapt_for_fixtures(prompt: dict, family: str, *, width: int = 64, height: in
     replaced = {k for k, n in prompt.items() if n["class_type"] == "LightCacheTestConditioning"}
     for node in prompt.values():
         for name, value in node["inputs"].items():
-            if name == "negative" and isinstance(value, list) and len(value) == 2 and str(value[0]) in replaced:
+            if name == "negative" and isinstance(value, list) and len(value) == 2 and str(value[0]) in replaced and value[1] == 0:
                 node["inputs"][name] = [str(value[0]), 1]
-    used = {str(v[0]) for n in prompt.values() for v in n["inputs"].values() if isinstance(v, list) and len(v) == 2}
-    for node_id in [k for k, n in prompt.items() if n["class_type"] in DROP and k not in used]:
-        del prompt[node_id]
-    return prompt
+    # Drop everything no longer feeding anything (encoders, loaders, replaced nodes), repeatedly.
+    while True:
+        used = {str(v[0]) for n in prompt.values() for v in n["inputs"].values() if isinstance(v, list) and len(v) == 2}
+        dead = [k for k, n in prompt.items() if k not in used and (n["class_type"] in DROP or n["class_type"] in REPLACED)]
+        if not dead:
+            return prompt
+        for node_id in dead:
+            del prompt[node_id]
 
 
 def to_baseline(prompt: dict) -> dict:
