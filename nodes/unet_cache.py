@@ -1,0 +1,673 @@
+"""DeepCache-style branch caching for ComfyUI's UNets (SD1.5/SDXL ``UNetModel``, SVD).
+
+What runs where (branch ``b``, ``N = len(input_blocks) == len(output_blocks)``):
+
+* full step: the whole UNet runs. The ``h`` that enters ``output_blocks[k]``
+  (``k = N - 1 - b``, taken *before* the concat with its skip) is stored, once
+  per cond uuid (one tensor per CFG branch), in the core ``CacheStore``.
+* cache step: ``time_embed``, ``input_blocks[0..b]``, ``output_blocks[k..N-1]``
+  and the head run; ``input_blocks[b+1..N-1]``, ``middle_block`` and
+  ``output_blocks[0..k-1]`` are skipped. Their layers return one zero-element
+  placeholder (``[B, 0, 1, 1]``, no storage), so the UNet's own loop (``hs``
+  push/pop and ``torch.cat``) handles only empty tensors there; at block ``k``
+  the cached ``h`` is put back in front of the fresh skip tensor.
+
+Hooks (all public, all held by the cloned ModelPatcher, nothing copied from core):
+
+* object patches of the ``forward`` of every direct layer of the skipped
+  blocks: a dispatcher that runs the original unless the current call is a
+  cache step of this patch (found through a context variable set per call);
+* a keyed ``DIFFUSION_MODEL`` wrapper: decides full/cache per call from the
+  step index (sigma in the run's schedule) and the cond uuids, and injects,
+  for that call only, an ``output_block_patch`` (first in the list) that
+  stores or restores ``h`` at block ``k``. In cache steps it also makes other
+  packs' block patches and ``forward_timestep_embed_patch`` handlers (e.g.
+  AnimateDiff-Evolved's motion modules) pass placeholders through, and drops
+  ControlNet/T2I residuals aimed at skipped blocks (fresh residuals still feed
+  the recomputed blocks);
+* a keyed ``OUTER_SAMPLE`` wrapper: creates the per-run state (store,
+  schedule, report) and frees it in ``finally``.
+
+ControlNet / T2I-Adapter: the ControlNet still runs every step; in cache steps
+its residuals for skipped blocks are dropped (their effect from the last full
+step is inside the cached ``h``) and the recomputed blocks get this step's
+fresh residuals.
+
+AnimateDiff-Evolved (cannot be installed in CI; not run here): it injects its
+motion modules into ``input_blocks``/``output_blocks`` when sampling starts and
+runs them through ``forward_timestep_embed_patch``. In cache steps those
+handlers see the placeholder in skipped blocks and pass it through (no motion
+compute there), while motion modules in the recomputed blocks run on real
+tensors. Its context windows (``ad_params["sub_idxs"]``, like core's
+``context_window``) key the cache per window. The dispatch path is covered by a
+test with a stand-in ``forward_timestep_embed_patch``; the real pack is not.
+"""
+from __future__ import annotations
+
+import contextvars
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..lightcache_core import CacheStore, RunReport, StoreConfig, format_bytes, nonuniform_full_steps, \
+    step_index_for_sigma, uniform_full_steps
+from . import compat
+
+log = logging.getLogger("LightCache")
+
+WRAPPER_KEY = "lightcache_deepcache"
+RUN_KEY = "lightcache_deepcache_run"
+SCHEDULES = ("uniform", "nonuniform")
+CACHE_DEVICES = ("auto", "gpu", "cpu")
+_PLACEMENT = {"auto": "auto", "gpu": "device", "cpu": "cpu"}
+NONUNIFORM_MIN_STEPS = 10  # shorter runs (8-step Lightning) use the uniform schedule
+DEFAULT_THRESHOLD = 0.3  # the Sampler's default quality/speed knob maps to DeepCacheSettings()
+
+
+class DeepCacheError(ValueError):
+    """A setting or model the deepcache mode cannot serve; the message names the fix."""
+
+
+# ---------------------------------------------------------------- settings
+
+@dataclass(frozen=True)
+class DeepCacheSettings:
+    """Immutable deepcache configuration (stored on the patched model).
+
+    interval: one full step then ``interval - 1`` cache steps (1 = every step full).
+    branch: skip branch. 0 recomputes ``input_blocks[0]`` (conv_in) and the last
+        output block; ``b`` recomputes ``input_blocks[0..b]`` and the last ``b + 1``
+        output blocks (higher = closer to the full model, slower).
+    schedule: "uniform" (full steps 0, I, 2I, ...) or "nonuniform" (default; DeepCache's
+        schedule: the same number of full steps, ceil(steps / I), packed around
+        ``center``; runs under 10 steps, e.g. 8-step Lightning, use uniform).
+    center: where the nonuniform schedule is densest, as a fraction of the run (0..1).
+    power: how strongly the nonuniform schedule packs around ``center`` (>= 1).
+    start_percent / end_percent: cache steps only where ``step / steps`` lies in
+        ``[start_percent, end_percent)``; every other step is full.
+    cache_device: "auto" | "gpu" | "cpu": where the cached branch tensors live.
+    final_full_steps: the last steps always computed in full (the final denoise).
+    """
+
+    interval: int = 3
+    branch: int = 0
+    schedule: str = "nonuniform"
+    center: float = 0.3
+    power: float = 1.4
+    start_percent: float = 0.0
+    end_percent: float = 1.0
+    cache_device: str = "auto"
+    final_full_steps: int = 1
+
+    def __post_init__(self) -> None:
+        if int(self.interval) != self.interval or self.interval < 1:
+            raise DeepCacheError(f"deepcache interval must be an integer >= 1, got {self.interval}. Fix: use 1 (off) to 10.")
+        if int(self.branch) != self.branch or self.branch < 0:
+            raise DeepCacheError(f"deepcache branch must be an integer >= 0, got {self.branch}.")
+        if self.schedule not in SCHEDULES:
+            raise DeepCacheError(f"deepcache schedule must be one of {SCHEDULES}, got {self.schedule!r}.")
+        if not 0.0 <= self.center <= 1.0:
+            raise DeepCacheError(f"deepcache center is a fraction of the run (0..1), got {self.center}.")
+        if self.power < 1.0:
+            raise DeepCacheError(f"deepcache power must be >= 1, got {self.power}.")
+        if not (0.0 <= self.start_percent <= 1.0 and 0.0 <= self.end_percent <= 1.0) or self.start_percent > self.end_percent:
+            raise DeepCacheError(f"deepcache start_percent/end_percent must satisfy 0 <= start <= end <= 1, got "
+                                 f"{self.start_percent}/{self.end_percent}. Fix: set start_percent <= end_percent.")
+        if self.cache_device not in CACHE_DEVICES:
+            raise DeepCacheError(f"deepcache cache_device must be one of {CACHE_DEVICES}, got {self.cache_device!r}.")
+        if self.final_full_steps < 0:
+            raise DeepCacheError(f"deepcache final_full_steps must be >= 0, got {self.final_full_steps}.")
+
+    @classmethod
+    def from_threshold(cls, threshold: float, **overrides) -> "DeepCacheSettings":
+        """Map the Sampler's quality/speed knob to an interval.
+
+        0 computes every step (interval 1); the default 0.3 gives the defaults
+        (interval 3); each further 0.15 adds one cache step per full step.
+        """
+        threshold = float(threshold)
+        interval = 1 if threshold <= 0 else max(2, int(round(1 + threshold / 0.15)))
+        return cls(**{"interval": interval, **overrides})
+
+    def full_steps(self, total_steps: int) -> list[int]:
+        """The 0-based steps computed in full for a run of ``total_steps``."""
+        if total_steps <= 0:
+            return []
+        if self.schedule == "nonuniform" and total_steps >= NONUNIFORM_MIN_STEPS:
+            base = nonuniform_full_steps(total_steps, self.interval, self.center * (total_steps - 1), self.power)
+        else:
+            base = uniform_full_steps(total_steps, self.interval)
+        full = set(base) | {0}
+        for step in range(total_steps):
+            progress = step / total_steps
+            if not self.start_percent <= progress < self.end_percent:
+                full.add(step)
+        full |= set(range(max(total_steps - self.final_full_steps, 0), total_steps))
+        return sorted(full)
+
+    def describe(self) -> str:
+        sched = f"nonuniform(center={self.center:g}, power={self.power:g})" if self.schedule == "nonuniform" else "uniform"
+        return (f"interval {self.interval}, branch {self.branch}, {sched}, window [{self.start_percent:g}, "
+                f"{self.end_percent:g}), final full {self.final_full_steps}, cache_device {self.cache_device}")
+
+
+# ---------------------------------------------------------------- model layout
+
+def _diffusion_model(model_patcher: Any):
+    model = getattr(model_patcher, "model", None)
+    return getattr(model, "diffusion_model", None)
+
+
+def is_unet(model_patcher: Any) -> bool:
+    """True when the model is ComfyUI's openaimodel UNet (SD1.5/SDXL/SVD) with a block layout we can cache."""
+    dm = _diffusion_model(model_patcher)
+    try:
+        from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    except ImportError:
+        return False
+    if not isinstance(dm, UNetModel):
+        return False
+    ins, outs = getattr(dm, "input_blocks", None), getattr(dm, "output_blocks", None)
+    return ins is not None and outs is not None and len(ins) == len(outs) and len(ins) >= 2
+
+
+@dataclass(frozen=True)
+class BranchPlan:
+    """Which blocks a cache step runs for one branch of one UNet."""
+
+    branch: int
+    n_blocks: int
+    skip_input: tuple[int, ...]
+    skip_output: tuple[int, ...]
+    entry_output: int  # k: first recomputed output block; its incoming h is the cached tensor
+
+    @property
+    def run_input(self) -> tuple[int, ...]:
+        return tuple(range(self.branch + 1))
+
+    @property
+    def run_output(self) -> tuple[int, ...]:
+        return tuple(range(self.entry_output, self.n_blocks))
+
+    def describe(self) -> str:
+        k, n = self.entry_output, self.n_blocks
+        return (f"branch {self.branch}: cache steps run input_blocks[0..{self.branch}], output_blocks[{k}..{n - 1}] and "
+                f"the head; skip input_blocks[{self.branch + 1}..{n - 1}], middle_block"
+                + (f", output_blocks[0..{k - 1}]" if k > 0 else "") + f"; cached: h entering output_blocks[{k}]")
+
+
+def plan_branch(diffusion_model, branch: int) -> BranchPlan:
+    n = len(diffusion_model.input_blocks)
+    if branch > n - 1:
+        raise DeepCacheError(f"deepcache branch {branch} is too deep for this UNet ({n} input blocks: branch 0..{n - 1}). "
+                             f"Fix: use branch 0 (fastest) to {n - 1}.")
+    k = n - 1 - branch
+    return BranchPlan(branch=branch, n_blocks=n, skip_input=tuple(range(branch + 1, n)), skip_output=tuple(range(k)),
+                      entry_output=k)
+
+
+def _skipped_layer_paths(diffusion_model, plan: BranchPlan) -> list[str]:
+    paths = []
+    for i in plan.skip_input:
+        paths += [f"input_blocks.{i}.{name}" for name, _ in diffusion_model.input_blocks[i].named_children()]
+    if getattr(diffusion_model, "middle_block", None) is not None:
+        paths += [f"middle_block.{name}" for name, _ in diffusion_model.middle_block.named_children()]
+    for j in plan.skip_output:
+        paths += [f"output_blocks.{j}.{name}" for name, _ in diffusion_model.output_blocks[j].named_children()]
+    return paths
+
+
+def estimate_branch_cost(diffusion_model, plan: BranchPlan, spatial: tuple[int, ...]) -> float:
+    """Cost of a cache step relative to a full step, in multiply-adds.
+
+    Convolutions and linear layers cost about ``params * positions``; spatial
+    self-attention adds ``2 * tokens^2 * inner_dim``. Norms, cross-attention
+    scores and temporal attention are left out. Used for the report's
+    estimated speedup.
+    """
+    from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, Upsample
+
+    def params(module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    def self_attention(module, positions: float) -> float:
+        """Score and value matmuls of spatial self-attention: 2 * tokens^2 * inner dim (temporal ones are tiny)."""
+        cost = 0.0
+        for name, sub in module.named_modules():
+            if name.endswith("attn1") and "time_stack" not in name and hasattr(sub, "heads") and hasattr(sub, "dim_head"):
+                cost += 2.0 * positions * positions * sub.heads * sub.dim_head
+        return cost
+
+    def layer_cost(layer, positions: float) -> float:
+        return params(layer) * positions + self_attention(layer, positions)
+
+    area = float(math.prod(spatial)) if spatial else 1.0
+    total = run = 0.0
+    for i, block in enumerate(diffusion_model.input_blocks):
+        for layer in block:
+            if isinstance(layer, Downsample):
+                area /= 2 ** len(spatial)
+            c = layer_cost(layer, area)
+            total += c
+            run += c if i not in plan.skip_input else 0.0
+    if getattr(diffusion_model, "middle_block", None) is not None:
+        total += layer_cost(diffusion_model.middle_block, area)
+    for j, block in enumerate(diffusion_model.output_blocks):
+        for layer in block:
+            if isinstance(layer, Upsample):
+                area *= 2 ** len(spatial)
+            c = layer_cost(layer, area)
+            total += c
+            run += c if j not in plan.skip_output else 0.0
+    head = sum(params(getattr(diffusion_model, name)) for name in ("out", "id_predictor") if getattr(diffusion_model, name, None) is not None)
+    head *= area
+    return (run + head) / (total + head) if total + head > 0 else 1.0
+
+
+# ---------------------------------------------------------------- per-call state
+
+@dataclass
+class _Call:
+    owner: object
+    mode: str  # "full" | "cache"
+    placeholder: torch.Tensor | None
+    skipped_layers: int = 0
+
+
+_ACTIVE: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("lightcache_deepcache_call", default=None)
+
+
+def _window_id(opts: dict) -> tuple | None:
+    """Frame indices of the current context window, when sampling runs in windows."""
+    window = opts.get("context_window")
+    if window is not None and getattr(window, "index_list", None) is not None:
+        return tuple(int(i) for i in window.index_list)
+    ad = opts.get("ad_params")
+    if isinstance(ad, dict) and ad.get("sub_idxs") is not None:
+        return tuple(int(i) for i in ad["sub_idxs"])
+    return None
+
+
+def _is_placeholder(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and t.ndim >= 2 and t.shape[1] == 0
+
+
+def _make_skip_forward(original: Callable, owner: object) -> Callable:
+    def forward(*args, **kwargs):
+        call = _ACTIVE.get()
+        if call is not None and call.owner is owner and call.mode == "cache":
+            call.skipped_layers += 1
+            return call.placeholder
+        return original(*args, **kwargs)
+
+    forward.lightcache_deepcache = True
+    return forward
+
+
+def _pass_placeholder_block_patch(patch: Callable) -> Callable:
+    def wrapped(h, transformer_options):
+        if _is_placeholder(h):
+            return h
+        return patch(h, transformer_options)
+    return wrapped
+
+
+def _pass_placeholder_output_patch(patch: Callable) -> Callable:
+    def wrapped(h, hsp, transformer_options):
+        if _is_placeholder(h) and _is_placeholder(hsp):
+            return h, hsp
+        return patch(h, hsp, transformer_options)
+    return wrapped
+
+
+def _pass_placeholder_embed_handler(handler: Callable) -> Callable:
+    def wrapped(layer, x, *args, **kwargs):
+        if _is_placeholder(x):
+            return x
+        return handler(layer, x, *args, **kwargs)
+    return wrapped
+
+
+# ---------------------------------------------------------------- per-run state
+
+class _Run:
+    """One sampling run: store, schedule, report. Shared (never deep-copied) across option copies."""
+
+    def __init__(self, owner: "_DeepCache", sigmas: torch.Tensor, device: torch.device) -> None:
+        self.owner = owner
+        self.settings = owner.settings
+        self.plan = owner.plan
+        self.sigmas = sigmas.detach().float().cpu()
+        self.total_steps = max(int(self.sigmas.numel()) - 1, 0)
+        self.full_steps = self.settings.full_steps(self.total_steps)
+        full = self._full_set = set(self.full_steps)
+        self.cache_steps = [s for s in range(self.total_steps) if s not in full]
+        self.store = CacheStore(device, StoreConfig(placement=_PLACEMENT[self.settings.cache_device]))
+        self.meta: dict[Any, tuple] = {}  # uuid -> (chunk shape, dtype) of the x it was cached for
+        self.entry_shapes: dict[str, list[int]] = {}
+        self.held_bytes_max = 0
+        self.skipped_layers = 0
+        self.cache_calls = 0
+        self.full_calls = 0
+        self.branch_cost: float | None = None
+        self.report = RunReport(node="LightCache", mode="deepcache", total_steps=self.total_steps,
+                                schedule=list(self.full_steps))
+        self.notes: list[str] = []
+        self._sigma_cache: dict[float, int | None] = {}
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __copy__(self):
+        return self
+
+    def step_of(self, sigma: Any) -> int | None:
+        if sigma is None:
+            return None
+        value = float(sigma.flatten()[0].item()) if isinstance(sigma, torch.Tensor) else float(sigma)
+        if value not in self._sigma_cache:
+            self._sigma_cache[value] = step_index_for_sigma(self.sigmas, value)
+        return self._sigma_cache[value]
+
+    def is_cache_step(self, step: int | None) -> bool:
+        return step is not None and 0 <= step < self.total_steps and step not in self._full_set
+
+    def cache_step_after(self, step: int | None) -> bool:
+        return step is not None and any(s > step for s in self.cache_steps)
+
+    @staticmethod
+    def key(uuid: Any) -> tuple:
+        return ("deepcache", str(uuid))
+
+    def put(self, uuids: list, h: torch.Tensor, per: int, copy: bool) -> None:
+        for i, uuid in enumerate(uuids):
+            part = h[i * per:(i + 1) * per]
+            self.store.put(self.key(uuid), part.clone() if copy else part)
+            self.entry_shapes[str(uuid)] = list(part.shape)
+        held = sum(self.store.nbytes(k) for k in self.store.keys())
+        self.held_bytes_max = max(self.held_bytes_max, held)
+
+    def get(self, uuids: list) -> torch.Tensor | None:
+        parts = [self.store.get(self.key(u)) for u in uuids]
+        if any(p is None for p in parts):
+            return None
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+    def finish(self, error: BaseException | None) -> RunReport:
+        stats = self.store.stats.as_dict()
+        self.store.clear(release_buffers=True)
+        self.meta.clear()
+        stats["entries_after_cleanup"] = len(self.store)
+        report = self.report
+        stats.update({"held_bytes_max": self.held_bytes_max, "entry_shapes": dict(self.entry_shapes),
+                      "skipped_layer_calls": self.skipped_layers, "cache_calls": self.cache_calls,
+                      "full_calls": self.full_calls, "branch": self.plan.branch,
+                      "entry_output_block": self.plan.entry_output})
+        full_s = [r.seconds for r in report.records if r.decision == "compute"]
+        cache_s = [r.seconds for r in report.records if r.decision != "compute"]
+        if full_s and cache_s and sum(full_s) > 0:
+            measured = (sum(cache_s) / len(cache_s)) / (sum(full_s) / len(full_s))
+            stats["measured_cache_cost"] = measured  # wall time of a cache call / a full call, this run
+            stats["predicted_speedup_measured_cost"] = len(report.records) / (len(full_s) + measured * len(cache_s))
+        report.cache_stats = stats
+        if self.branch_cost is not None:
+            report.cost_by_granularity = {**report.cost_by_granularity, "deepcache": self.branch_cost}
+        report.notes.append(f"settings: {self.settings.describe()}")
+        report.notes.append(self.plan.describe())
+        if self.settings.schedule == "nonuniform" and self.total_steps < NONUNIFORM_MIN_STEPS:
+            report.notes.append(f"{self.total_steps} steps < {NONUNIFORM_MIN_STEPS}: uniform schedule used")
+        report.notes.append(f"cache steps: {self.cache_steps}")
+        if self.entry_shapes:
+            per = ", ".join(f"{shape}" for shape in self.entry_shapes.values())
+            report.notes.append(f"cached one tensor per CFG branch: {per}; held at most {format_bytes(self.held_bytes_max)}")
+        if self.branch_cost is not None:
+            report.notes.append(f"cache-step cost ~{self.branch_cost:.3f} of a full step (multiply-add estimate)")
+        report.notes.extend(self.notes)
+        if error is not None:
+            report.notes.append(f"run ended with {type(error).__name__}: {error}")
+        return report
+
+
+# ---------------------------------------------------------------- the patch
+
+class _DeepCache:
+    """Immutable per-patch object the wrappers close over (config only; run state lives in ``_Run``)."""
+
+    def __init__(self, settings: DeepCacheSettings, plan: BranchPlan, report_sink: Any) -> None:
+        self.settings = settings
+        self.plan = plan
+        self.report_sink = report_sink
+
+    def __deepcopy__(self, memo):
+        return self
+
+    # OUTER_SAMPLE ---------------------------------------------------------
+    def outer_sample(self, executor, *args, **kwargs):
+        guider = executor.class_obj
+        sigmas = args[3] if len(args) > 3 else kwargs.get("sigmas")
+        patcher = guider.model_patcher
+        device = getattr(patcher, "load_device", None) or compat.compute_device()
+        run = _Run(self, sigmas, torch.device(device))
+        original_options = guider.model_options
+        guider.model_options = compat.create_model_options_clone(original_options)
+        guider.model_options.setdefault("transformer_options", {})[RUN_KEY] = run
+        error = None
+        try:
+            return executor(*args, **kwargs)
+        except BaseException as exc:  # interrupts included; re-raised
+            error = exc
+            raise
+        finally:
+            guider.model_options = original_options
+            report = run.finish(error)
+            self._deliver(report, patcher)
+
+    def _deliver(self, report: RunReport, patcher: Any) -> None:
+        log.info("[LightCache] %s", report.summary_line())
+        sink = self.report_sink
+        if sink is None:
+            getter = getattr(patcher, "get_attachment", None)
+            sink = getter("lightcache_report_sink") if callable(getter) else None
+        try:
+            if callable(sink):
+                sink(report)
+            elif sink is not None and isinstance(getattr(sink, "reports", None), list):
+                sink.reports.append(report)
+        except Exception:  # a broken sink must not turn a finished run into an error
+            log.exception("[LightCache] deepcache report sink failed")
+
+    # DIFFUSION_MODEL ------------------------------------------------------
+    def diffusion_model(self, executor, *args, **kwargs):
+        opts = compat.transformer_options_of(args, kwargs)
+        run = opts.get(RUN_KEY) if isinstance(opts, dict) else None
+        x = args[0] if args else kwargs.get("x")
+        if not isinstance(run, _Run) or run.owner is not self or not isinstance(x, torch.Tensor):
+            return executor(*args, **kwargs)
+        uuids = list(opts.get("uuids") or [])
+        labels = ["uncond" if c == 1 else "cond" for c in (opts.get("cond_or_uncond") or [])]
+        sigma = opts.get("sigmas")
+        step = run.step_of(sigma)
+        sigma_value = float(sigma.flatten()[0]) if isinstance(sigma, torch.Tensor) else float(sigma or 0.0)
+        if not uuids or x.shape[0] % len(uuids) != 0:
+            run.notes.append(f"step {step}: call without per-branch uuids; computed without caching")
+            return executor(*args, **kwargs)
+        window = _window_id(opts)
+        if window is not None:  # context windows (core or AnimateDiff-Evolved): one cache per branch and window
+            uuids = [(u, window) for u in uuids]
+        per = x.shape[0] // len(uuids)
+        chunk_meta = (tuple(x.shape[1:]), per, x.dtype)
+        if run.branch_cost is None:
+            try:
+                run.branch_cost = estimate_branch_cost(self._dm(executor), self.plan, tuple(x.shape[2:]))
+            except Exception:  # estimate only
+                run.branch_cost = None
+        cache = run.is_cache_step(step) and all(run.meta.get(u) == chunk_meta and run.key(u) in run.store for u in uuids)
+        store = not cache and run.cache_step_after(step)
+        if not cache and not store:
+            return self._timed(run, step, sigma_value, labels, "full", executor, args, kwargs)
+
+        k = self.plan.entry_output
+        patches = dict(opts.get("patches") or {})
+        others = list(patches.get("output_block_patch") or [])
+        copy = bool(others)  # another pack's output patch may edit h in place
+
+        if cache:
+            keys = [run.key(u) for u in uuids]
+            run.store.prefetch(keys)
+
+            def restore(h, hsp, transformer_options):
+                if transformer_options.get("block") == ("output", k):
+                    cached = run.get(uuids)
+                    if cached is None:
+                        raise RuntimeError("LightCache deepcache: cached branch tensor vanished mid-step")
+                    h = cached.clone() if copy else cached
+                return h, hsp
+
+            patches["output_block_patch"] = [restore] + [_pass_placeholder_output_patch(p) for p in others]
+            for name in ("input_block_patch", "input_block_patch_after_skip"):
+                if patches.get(name):
+                    patches[name] = [_pass_placeholder_block_patch(p) for p in patches[name]]
+            if patches.get("forward_timestep_embed_patch"):
+                patches["forward_timestep_embed_patch"] = [(cls, _pass_placeholder_embed_handler(h))
+                                                           for cls, h in patches["forward_timestep_embed_patch"]]
+        else:
+            def capture(h, hsp, transformer_options):
+                if transformer_options.get("block") == ("output", k) and not _is_placeholder(h):
+                    run.put(uuids, h, per, copy)
+                    for u in uuids:
+                        run.meta[u] = chunk_meta
+                return h, hsp
+
+            patches["output_block_patch"] = [capture] + others
+
+        new_opts = dict(opts)
+        new_opts["patches"] = patches
+        args, kwargs = self._replace_options(args, kwargs, opts, new_opts)
+        if cache:
+            args, kwargs = self._drop_skipped_control(args, kwargs)
+            placeholder = x.new_empty((x.shape[0], 0) + (1,) * (x.ndim - 2))
+            call = _Call(self, "cache", placeholder)
+        else:
+            call = _Call(self, "full", None)
+        token = _ACTIVE.set(call)
+        try:
+            result = self._timed(run, step, sigma_value, labels, "deepcache" if cache else "full", executor, args, kwargs)
+        finally:
+            _ACTIVE.reset(token)
+            if cache:
+                for key in keys:
+                    run.store.release(key)
+        run.skipped_layers += call.skipped_layers
+        return result
+
+    @staticmethod
+    def _dm(executor):
+        return getattr(executor, "class_obj", None)
+
+    @staticmethod
+    def _timed(run: _Run, step, sigma: float, labels: list[str], kind: str, executor, args, kwargs):
+        start = time.perf_counter()
+        result = executor(*args, **kwargs)
+        seconds = time.perf_counter() - start
+        if kind == "deepcache":
+            run.cache_calls += 1
+        else:
+            run.full_calls += 1
+        n = max(len(labels), 1)
+        for label in labels or ["batch"]:
+            run.report.add(step if step is not None else -1, sigma, label, "reuse" if kind == "deepcache" else "compute",
+                           kind, seconds / n)
+        return result
+
+    @staticmethod
+    def _replace_options(args: tuple, kwargs: dict, old: dict, new: dict) -> tuple[tuple, dict]:
+        if kwargs.get("transformer_options") is old:
+            kwargs = dict(kwargs)
+            kwargs["transformer_options"] = new
+            return args, kwargs
+        args = list(args)
+        for i in range(len(args) - 1, -1, -1):
+            if args[i] is old:
+                args[i] = new
+                return tuple(args), kwargs
+        kwargs = dict(kwargs)
+        kwargs["transformer_options"] = new
+        return tuple(args), kwargs
+
+    def _drop_skipped_control(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """ControlNet/T2I residuals for skipped blocks are dropped (their effect is in the cached h);
+        the recomputed blocks still get this step's fresh residuals."""
+        index = 4  # UNetModel.forward(x, timesteps, context, y, control, transformer_options, **kwargs)
+        if "control" in kwargs:
+            control, where = kwargs["control"], "kw"
+        elif len(args) > index:
+            control, where = args[index], "pos"
+        else:
+            return args, kwargs
+        if not isinstance(control, dict):
+            return args, kwargs
+        plan = self.plan
+        new = dict(control)
+        for name, skipped in (("input", plan.skip_input), ("output", plan.skip_output)):
+            items = control.get(name)
+            if not isinstance(items, list):
+                continue
+            items = list(items)
+            for block in skipped:  # block i takes the (i+1)-th pop, i.e. index len-1-i
+                idx = len(items) - 1 - block
+                if 0 <= idx < len(items):
+                    items[idx] = None
+            new[name] = items
+        if isinstance(control.get("middle"), list):
+            new["middle"] = [None] * len(control["middle"])
+        if where == "kw":
+            kwargs = dict(kwargs)
+            kwargs["control"] = new
+        else:
+            args = list(args)
+            args[index] = new
+            args = tuple(args)
+        return args, kwargs
+
+
+def apply_deepcache(model_patcher, settings: DeepCacheSettings | None = None, report_sink: Any = None, *,
+                    threshold: float | None = None, **overrides):
+    """A clone of ``model_patcher`` with deepcache installed (keyed wrappers + per-layer object patches).
+
+    ``settings`` defaults to ``DeepCacheSettings()``; alternatively ``threshold``
+    (the Sampler's quality/speed knob, see ``DeepCacheSettings.from_threshold``)
+    plus field overrides such as ``start_percent``/``end_percent``/``cache_device``.
+    After each run the ``RunReport`` goes to ``report_sink(report)`` (or
+    ``report_sink.reports.append``), else to the ``lightcache_report_sink``
+    attachment of the sampled model if it is callable.
+    """
+    if not is_unet(model_patcher):
+        raise DeepCacheError("LightCache deepcache works on UNet models (SD1.5/SDXL UNetModel, SVD, AnimateDiff on "
+                             "SD1.5); this model has no openaimodel UNet. Fix: use cache_mode 'mix'/'step' for DiTs.")
+    known = set(DeepCacheSettings.__dataclass_fields__)
+    fields = {k: v for k, v in overrides.items() if k in known and v is not None}
+    if settings is None:
+        settings = DeepCacheSettings.from_threshold(threshold, **fields) if threshold is not None else DeepCacheSettings(**fields)
+    elif fields:
+        from dataclasses import replace
+        settings = replace(settings, **fields)
+    dm = _diffusion_model(model_patcher)
+    plan = plan_branch(dm, settings.branch)
+    owner = _DeepCache(settings, plan, report_sink)
+
+    m = model_patcher.clone()
+    for wrapper_type in (compat.WrappersMP.OUTER_SAMPLE, compat.WrappersMP.DIFFUSION_MODEL):
+        remove = getattr(m, "remove_wrappers_with_key", None)
+        if remove is not None:
+            remove(wrapper_type, WRAPPER_KEY)
+    m.add_wrapper_with_key(compat.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, owner.outer_sample)
+    m.add_wrapper_with_key(compat.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, owner.diffusion_model)
+    if settings.interval > 1:  # interval 1 never has a cache step: wrappers only, no layer patches
+        for path in _skipped_layer_paths(dm, plan):
+            name = f"diffusion_model.{path}.forward"
+            m.add_object_patch(name, _make_skip_forward(m.get_model_object(name), owner))
+    return m
