@@ -32,6 +32,14 @@ def test_same_graph_in_process_and_through_server(runner, models_dir, tmp_path):
         remote = server.run(prompt)
         remote_images = _images(remote.ui, save, tmp_path / "server" / "output")
         log = server.log()
+        # The bundled workflows are discovered as templates (Workflow -> Browse Templates).
+        import json
+        import urllib.request
+
+        templates = json.load(urllib.request.urlopen(f"{server.url}/workflow_templates", timeout=30))
+        thumb = urllib.request.urlopen(f"{server.url}/api/workflow_templates/lightcache/lightcache_wan21_t2v_1.3B.jpg", timeout=30)
+    assert "lightcache_wan21_t2v_1.3B" in templates.get("lightcache", [])
+    assert thumb.status == 200
     assert "lightcache" in log.lower()
     custom_node_lines = log.split("Import times for custom nodes")[-1].splitlines()
     assert not [line for line in custom_node_lines if "lightcache" in line and "IMPORT FAILED" in line]
