@@ -124,3 +124,260 @@ def input_flags(advanced: bool = False) -> dict:
     if advanced and _accepts(io.Float, "advanced"):
         return {"advanced": True}
     return {}
+
+
+# ---------------------------------------------------------------- DiT caching (LightCache Sampler)
+
+def model_output_channels(model_patcher: Any) -> int | None:
+    """Latent channels the model predicts (Wan I2V feeds 36 in, predicts 16).
+
+    Read from the model's ``latent_format`` when present; None when unknown.
+    """
+    fmt = getattr(getattr(model_patcher, "model", None), "latent_format", None)
+    channels = getattr(fmt, "latent_channels", None)
+    return int(channels) if isinstance(channels, int) and channels > 0 else None
+
+
+def diffusion_model_of(model_patcher: Any) -> Any:
+    """The ``nn.Module`` that runs the DiT/UNet forward (``model.diffusion_model``)."""
+    try:
+        return model_patcher.get_model_object("diffusion_model")
+    except (AttributeError, KeyError):
+        return getattr(getattr(model_patcher, "model", None), "diffusion_model", None)
+
+
+def _forward_honours_patches_replace(module: Any) -> bool:
+    """True when the module's forward code looks up ``patches_replace['dit']``.
+
+    Feature detection by reading the host's own source: a model whose block loop
+    never consults ``patches_replace`` cannot take block-level caching.
+    """
+    import inspect
+
+    for name in ("forward_orig", "_forward", "forward"):
+        fn = getattr(type(module), name, None)
+        if fn is None:
+            continue
+        try:
+            src = inspect.getsource(fn)
+        except (OSError, TypeError):
+            continue
+        if "patches_replace" in src and ("double_block" in src or "single_block" in src):
+            return True
+    return False
+
+
+def dit_block_layout(model_patcher: Any) -> list[tuple[str, int]] | None:
+    """Block segments a DiT exposes through ``patches_replace["dit"]``, in run order.
+
+    Returns e.g. ``[("double_block", 40)]`` for Wan, ``[("double_block", 20),
+    ("single_block", 40)]`` for HunyuanVideo/Flux, or None when the model's block
+    loop does not honour ``patches_replace`` (UNets, models with own loops).
+    """
+    dm = diffusion_model_of(model_patcher)
+    if dm is None or not _forward_honours_patches_replace(dm):
+        return None
+    segments: list[tuple[str, int]] = []
+    if hasattr(dm, "double_blocks") or hasattr(dm, "single_blocks"):
+        for attr, name in (("double_blocks", "double_block"), ("single_blocks", "single_block")):
+            blocks = getattr(dm, attr, None)
+            if blocks is not None and len(blocks) > 0:
+                segments.append((name, len(blocks)))
+    elif getattr(dm, "blocks", None) is not None:
+        segments.append(("double_block", len(dm.blocks)))
+    return segments or None
+
+
+def is_unet_model(model_patcher: Any) -> bool:
+    """True for ComfyUI's UNet families (openaimodel ``UNetModel``, SVD ``VideoUNet``)."""
+    dm = diffusion_model_of(model_patcher)
+    if dm is None:
+        return False
+    try:
+        from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    except ImportError:
+        return False
+    return isinstance(dm, UNetModel)
+
+
+def cond_entry_uuid(cond_entry: Any) -> Any:
+    """The stable uuid ComfyUI gives one processed cond entry (None if absent)."""
+    return cond_entry.get("uuid") if isinstance(cond_entry, dict) else None
+
+
+def apply_model_sigma(timestep: Any) -> float:
+    """The current sigma as a float from a CALC_COND_BATCH ``timestep`` tensor."""
+    if isinstance(timestep, torch.Tensor):
+        return float(timestep.flatten()[0].item())
+    return float(timestep)
+
+
+# ---------------------------------------------------------------- chunking (Chunked Model Patch)
+
+ATTENTION_OVERRIDE_KEY = "optimized_attention_override"
+
+# Attention backends that build the (queries x keys) score matrix in memory; the
+# others (PyTorch SDPA flash/efficient kernels, xformers, sage, flash-attn) stream it.
+_SCORE_MATERIALIZING_ATTENTION = frozenset({"attention_basic", "attention_sub_quad", "attention_split"})
+
+
+def attention_override_supported() -> bool:
+    """True when ComfyUI's attention functions honour ``transformer_options["optimized_attention_override"]``.
+
+    The hook arrived with ``wrap_attn`` (present in 0.3.75 and later); older hosts
+    call the attention function directly.
+    """
+    try:
+        import comfy.ldm.modules.attention as attention
+    except ImportError:
+        return False
+    return hasattr(attention, "wrap_attn")
+
+
+def get_attention_override(model_options: dict):
+    """The attention override already installed on ``model_options`` (None when none)."""
+    return model_options.get("transformer_options", {}).get(ATTENTION_OVERRIDE_KEY)
+
+
+def set_attention_override(patcher: Any, fn) -> None:
+    """Install ``fn(func, q, k, v, heads, *args, **kwargs)`` as the model's attention override.
+
+    ~0.38 hosts have ``ModelPatcher.set_model_optimized_attention``-era helpers, but the
+    storage key is the same ``transformer_options`` entry on every version that has it.
+    """
+    patcher.model_options.setdefault("transformer_options", {})[ATTENTION_OVERRIDE_KEY] = fn
+
+
+def attention_materializes_scores(func, has_mask: bool = False) -> bool:
+    """Whether attention function ``func`` holds the full score matrix of its queries.
+
+    PyTorch SDPA with an explicit mask may fall back to its math kernel, so a masked
+    ``attention_pytorch`` call counts as materialising.
+    """
+    name = getattr(func, "__name__", "")
+    if name in _SCORE_MATERIALIZING_ATTENTION:
+        return True
+    return name == "attention_pytorch" and has_mask
+
+
+def wan_self_attention_parts(module: torch.nn.Module):
+    """``(optimized_attention, apply_rope1)`` exactly as the host's Wan self-attention uses them.
+
+    Returns None unless ``module`` is a plain ``WanSelfAttention`` whose forward is the
+    host's own ``forward(x, freqs, transformer_options)`` built from ``q/k/v/o``,
+    ``norm_q/norm_k``, ``apply_rope1`` and ``optimized_attention`` (0.3.75 layout).
+    A subclass, another signature or another body leaves the module unpatched.
+    """
+    import inspect
+
+    try:
+        from comfy.ldm.wan import model as wan_model
+    except ImportError:
+        return None
+    cls = getattr(wan_model, "WanSelfAttention", None)
+    if cls is None or type(module) is not cls:
+        return None
+    forward = cls.__dict__.get("forward")
+    try:
+        params = list(inspect.signature(forward).parameters)
+    except (TypeError, ValueError):
+        return None
+    if params != ["self", "x", "freqs", "transformer_options"]:
+        return None
+    names: set = set()
+    codes = [getattr(forward, "__code__", None)]
+    while codes:  # the forward's own names and those of its nested helpers (qkv_fn_q, ...)
+        code = codes.pop()
+        if code is not None:
+            names.update(code.co_names)
+            codes.extend(c for c in code.co_consts if hasattr(c, "co_names"))
+    needed = {"q", "k", "v", "o", "norm_q", "norm_k", "apply_rope1", "optimized_attention", "view"}
+    if not needed <= names:
+        return None
+    if not all(hasattr(module, a) for a in ("q", "k", "v", "o", "norm_q", "norm_k", "num_heads", "head_dim")):
+        return None
+    attention = getattr(wan_model, "optimized_attention", None)
+    rope = getattr(wan_model, "apply_rope1", None)
+    if attention is None or rope is None:
+        return None
+    return attention, rope
+
+
+def ksampler_options() -> tuple[list[str], list[str]]:
+    """(sampler names, scheduler names) exactly as KSampler lists them."""
+    import comfy.samplers
+
+    return list(comfy.samplers.KSampler.SAMPLERS), list(comfy.samplers.KSampler.SCHEDULERS)
+
+
+def common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, denoise=1.0) -> dict:
+    """Sample exactly as KSampler does (same noise, callback/preview, latent copy).
+
+    Uses the host's public ``nodes.common_ksampler`` when present, else the same
+    steps through ``comfy.sample.sample``. Returns the output LATENT dict.
+    """
+    import importlib
+
+    host_nodes = importlib.import_module("nodes")  # ComfyUI's top-level nodes.py
+    fn = getattr(host_nodes, "common_ksampler", None)
+    if fn is not None:
+        return fn(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, denoise=denoise)[0]
+    import comfy.sample
+    import comfy.utils
+    import latent_preview
+
+    latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+    noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
+    callback = latent_preview.prepare_callback(model, steps)
+    samples = comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
+                                  denoise=denoise, noise_mask=latent.get("noise_mask"), callback=callback,
+                                  disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+    out = latent.copy()
+    out["samples"] = samples
+    return out
+
+
+# ---------------------------------------------------------------- VAE decode (Sliced VAE Decode)
+
+def wan_decode_unit_scheme(decoder: Any) -> str:
+    """How the host's Wan ``WanVAE.decode`` feeds its decoder: ``"single"`` or ``"pairs"``.
+
+    0.3.x calls ``Decoder3d`` once per latent frame; newer hosts split each
+    temporal upsample's output in ``Decoder3d.run_up`` and feed the first
+    latent frame alone, then pairs. The causal cache only reproduces the
+    host's numbers when units match, so detect the chunked decoder by
+    ``run_up``.
+    """
+    return "pairs" if callable(getattr(decoder, "run_up", None)) else "single"
+
+
+def vae_has_chunked_io(first_stage_model: Any) -> bool:
+    """True if the VAE offers newer ComfyUI's chunked-IO protocol (``comfy_has_chunked_io`` +
+    ``decode_output_shape``); the host's ``VAE.decode`` then streams into a preallocated output itself."""
+    return bool(getattr(first_stage_model, "comfy_has_chunked_io", False)) and callable(
+        getattr(first_stage_model, "decode_output_shape", None))
+
+
+def vae_output_dtype() -> torch.dtype:
+    """The dtype VAEDecode returns: ``vae_output_dtype()`` where the host has it, else float32."""
+    getter = getattr(model_management, "vae_output_dtype", None)
+    if callable(getter):
+        try:
+            return getter()
+        except TypeError:
+            pass
+    return torch.float32
+
+
+def progress_bar(total: int):
+    """The host's UI progress bar (``comfy.utils.ProgressBar``), or a no-op stand-in."""
+    try:
+        import comfy.utils
+
+        return comfy.utils.ProgressBar(max(int(total), 1))
+    except Exception:  # noqa: BLE001 - progress is cosmetic
+        class _Nop:
+            def update(self, _n: int = 1) -> None:
+                pass
+
+        return _Nop()
