@@ -16,7 +16,7 @@ Modules:
 """
 
 from .cache_store import CacheStats, CacheStore, Placement, StoreConfig
-from .chunking import ChunkPolicy, plan_chunk_rows, run_chunked
+from .chunking import ChunkPolicy, balanced_pieces, plan_chunk_rows, run_chunked
 from .metrics import psnr, ssim
 from .pinned_pool import PinnedBufferPool, PooledBuffer
 from .policy import REUSE_ORDER, Granularity, MixPolicyConfig, choose_granularity, estimated_error
@@ -32,6 +32,7 @@ from .schedules import (
 
 __all__ = [
     "AccumulatedChange",
+    "balanced_pieces",
     "CacheStats",
     "CacheStore",
     "ChunkPolicy",

@@ -16,7 +16,7 @@ different row counts; see ``tests/core/test_chunking.py`` for what is verified.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -140,11 +140,8 @@ def run_chunked(
         out.copy_(result)
         return out
 
-    n_chunks = math.ceil(total / rows_per_chunk)
-    base, longer = divmod(total, n_chunks)
-    start = 0
-    for index in range(n_chunks):
-        rows = base + (1 if index < longer else 0)
+    pieces = list(balanced_pieces(total, rows_per_chunk))
+    for start, rows in pieces:
         chunk_x = _prepare(x.narrow(dim, start, rows), contiguous)
         chunk_args = [_narrow_if_tensor(a, dim, start, rows, total, contiguous) for a in extra_inputs]
         result = fn(chunk_x, *chunk_args)
@@ -157,9 +154,23 @@ def run_chunked(
             out = torch.empty(full_shape, dtype=result.dtype, device=result.device)
         out.narrow(dim, start, rows).copy_(result)
         del result, chunk_x, chunk_args  # free before the next chunk allocates its own
-        start += rows
-    _count(counter, n_chunks)
+    _count(counter, len(pieces))
     return out
+
+
+def balanced_pieces(total: int, rows_per_chunk: int) -> Iterator[tuple[int, int]]:
+    """``(start, length)`` of the ``ceil(total / rows_per_chunk)`` chunks of ``total`` rows.
+
+    Lengths differ by at most one row, so no tiny last chunk lands in a slower
+    kernel; every length is <= ``rows_per_chunk``.
+    """
+    n_chunks = max(1, math.ceil(total / max(1, rows_per_chunk)))
+    base, longer = divmod(total, n_chunks)
+    start = 0
+    for index in range(n_chunks):
+        length = base + (1 if index < longer else 0)
+        yield start, length
+        start += length
 
 
 def _prepare(chunk: torch.Tensor, contiguous: bool) -> torch.Tensor:

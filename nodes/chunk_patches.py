@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..lightcache_core.chunking import ChunkPolicy, plan_chunk_rows, run_chunked
+from ..lightcache_core.chunking import ChunkPolicy, balanced_pieces, plan_chunk_rows, run_chunked
 from . import compat
 
 log = logging.getLogger("LightCache")
@@ -139,17 +139,6 @@ class Planner:
                 why = f"{policy.mode}: {policy.count if policy.mode == 'count' else policy.size}"
             log.info("[LightCache] %s: %s %d rows -> %d chunk(s) of <= %d rows (%s)", NODE, kind, total, n, rows, why)
         return rows
-
-
-def _pieces(total: int, rows: int):
-    """Balanced (start, length) pieces, as run_chunked makes them."""
-    n = math.ceil(total / rows)
-    base, longer = divmod(total, n)
-    start = 0
-    for i in range(n):
-        length = base + (1 if i < longer else 0)
-        yield start, length
-        start += length
 
 
 def _elem(t: torch.Tensor) -> int:
@@ -250,7 +239,7 @@ class ChunkedSamples(_Patch):
             return self.original(x, *args, **kwargs)
         split = [isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == total for a in args]
         out = None
-        for start, length in _pieces(total, rows):
+        for start, length in balanced_pieces(total, rows):
             chunk_args = [a.narrow(0, start, length) if s else a for a, s in zip(args, split)]
             result = self.original(x.narrow(0, start, length), *chunk_args, **kwargs)
             if out is None:
@@ -336,7 +325,7 @@ class ChunkedAttention(_Patch):
             k, v = k.contiguous(), v.contiguous()
         out = None
         o_dim = out_dim if dim else 0
-        for start, length in _pieces(total, rows):
+        for start, length in balanced_pieces(total, rows):
             qc = q.narrow(dim, start, length)
             if score:
                 qc = qc.contiguous()
@@ -401,7 +390,7 @@ class ChunkedWanSelfAttention(_Patch):
         def freq_rows(start, length):
             return freqs.narrow(1, start, length) if freqs.shape[1] == s else freqs
 
-        pieces = list(_pieces(s, rows))
+        pieces = list(balanced_pieces(s, rows))
         # Materialising backends get k/v once in [b, heads, s, d] (skip_reshape) instead of
         # permuting full copies for every query chunk; streaming backends take plain views.
         heads_first = bool(score)
