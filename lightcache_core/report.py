@@ -136,7 +136,7 @@ class RunReport:
         if self.cache_stats:
             s = self.cache_stats
             line += (f"; cache: {s.get('entries', 0)} entries, {format_bytes(s.get('host_bytes', 0))} on host, "
-                     f"peak {format_bytes(s.get('peak_device_bytes', 0))} on GPU")
+                     f"peak {format_bytes(s.get('peak_device_bytes', 0))} on the compute device")
         return line
 
     def to_text(self) -> str:

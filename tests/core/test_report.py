@@ -50,7 +50,7 @@ def test_text_and_json():
     first = text.splitlines()[0]
     assert first.startswith("LightCache mix: 4 steps, 8 evaluations; computed 4, reused 4")
     assert "est. speedup 1.60x" in first
-    assert "cache: 2 entries, 12.0 MiB on host, peak 0 B on GPU" in first
+    assert "cache: 2 entries, 12.0 MiB on host, peak 0 B on the compute device" in first
     assert "note: hello" in text and "CSCS" in text
     data = json.loads(report.to_json())
     assert data["computed"] == 4 and data["reused_by_granularity"] == {"step": 2, "cfg": 2}
