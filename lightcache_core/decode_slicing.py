@@ -1,0 +1,288 @@
+"""Decode slicing: time slices, a preallocated output, and row chunks with an exact halo.
+
+Plain torch; never imports ComfyUI. The node layer (``nodes/vae_slicing.py``)
+turns a host VAE into calls of the pieces here:
+
+* :func:`unit_ranges` / :func:`group_units` / :func:`frames_per_slice_for_budget`
+  split a latent video into the decoder's own time units (one latent frame, or
+  the first frame then pairs) and group them into slices sized from a memory
+  budget.
+* :class:`SliceWriter` owns the preallocated output (pinned on CUDA) and copies
+  each decoded slice into it at once, so the device never holds the video.
+* :func:`row_chunked_call` runs one spatially local layer on row chunks of its
+  input, each widened by a halo of ``halo`` rows, and stitches the exact output
+  rows and the exact causal-cache rows back together. Because every op of such
+  a layer reads at most ``halo`` neighbouring rows (convolutions with "same"
+  padding, per-pixel norms, nearest upsampling), the kept rows of every chunk
+  depend only on true input rows: the result equals the whole-frame call.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+# ---------------------------------------------------------------- time slices
+
+
+def unit_ranges(frames: int, scheme: str = "single") -> list[tuple[int, int]]:
+    """The decoder's own time units over ``frames`` latent frames.
+
+    ``"single"``: one latent frame per decoder call (ComfyUI 0.3.x Wan VAE).
+    ``"pairs"``: the first frame alone, then pairs (newer ComfyUI's chunked Wan
+    decoder: ``1 + 2 + 2 + ...``; a last odd frame is a unit of one).
+    """
+    if frames <= 0:
+        return []
+    if scheme == "single":
+        return [(i, i + 1) for i in range(frames)]
+    if scheme == "pairs":
+        units = [(0, 1)]
+        start = 1
+        while start < frames:
+            units.append((start, min(start + 2, frames)))
+            start += 2
+        return units
+    raise ValueError(f"unknown unit scheme {scheme!r}")
+
+
+def group_units(units: Sequence[tuple[int, int]], frames_per_slice: int) -> list[list[tuple[int, int]]]:
+    """Group consecutive units into slices of about ``frames_per_slice`` latent frames.
+
+    A slice never splits a unit (the causal cache is carried between units), and
+    holds at least one unit.
+    """
+    frames_per_slice = max(1, int(frames_per_slice))
+    slices: list[list[tuple[int, int]]] = []
+    current: list[tuple[int, int]] = []
+    count = 0
+    for unit in units:
+        size = unit[1] - unit[0]
+        if current and count + size > frames_per_slice:
+            slices.append(current)
+            current, count = [], 0
+        current.append(unit)
+        count += size
+    if current:
+        slices.append(current)
+    return slices
+
+
+def frames_per_slice_for_budget(total_frames: int, per_frame_bytes: float, budget_bytes: float,
+                                fixed_bytes: float = 0.0, minimum: int = 1) -> int:
+    """How many latent frames fit one slice: ``(budget - fixed) // per_frame``, in ``[minimum, total]``."""
+    if total_frames <= 0:
+        return 0
+    if per_frame_bytes <= 0:
+        return total_frames
+    n = int((budget_bytes - fixed_bytes) // per_frame_bytes)
+    return max(minimum, min(total_frames, n))
+
+
+# ---------------------------------------------------------------- output writer
+
+
+class SliceWriter:
+    """A preallocated ``[batch, frames, H, W, C]`` output that slices are copied into.
+
+    ``device`` is the output device (CPU in ComfyUI unless ``--gpu-only``); on a
+    CUDA machine a CPU output is pinned so device-to-host copies can overlap.
+    ``write`` takes a decoded slice as ``[batch, C, t, H, W]`` (or ``[n, C, H,
+    W]`` images, written along frames), applies ``process`` (e.g. the VAE's
+    ``process_output``) on the slice's own device, and copies it in.
+    """
+
+    def __init__(self, batch: int, frames: int, height: int, width: int, channels: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, pin: bool | None = None) -> None:
+        device = torch.device(device)
+        if pin is None:
+            pin = device.type == "cpu" and torch.cuda.is_available()
+        self.out = torch.empty((batch, frames, height, width, channels), dtype=dtype, device=device, pin_memory=bool(pin))
+        self.pinned = bool(pin)
+        self.frames_written = 0
+        self._pending = False
+
+    @property
+    def bytes(self) -> int:
+        return self.out.numel() * self.out.element_size()
+
+    def write(self, frame_start: int, pixels: torch.Tensor, process: Callable[[torch.Tensor], torch.Tensor] | None = None,
+              batch_index: int = 0) -> int:
+        """Copy ``pixels`` into frames ``[frame_start, frame_start + t)`` of videos ``batch_index...``; returns ``t``.
+
+        ``pixels`` is ``[b, C, t, H, W]`` (a video slice) or ``[t, C, H, W]`` (images, as frames of one video).
+        ``process`` runs on the slice's own device in float32, as ComfyUI's ``VAE.decode`` runs ``process_output``
+        on float32 pixels, so the values are the same wherever it runs.
+        """
+        if pixels.dim() == 4:
+            pixels = pixels.unsqueeze(0).movedim(1, 2)
+        b, t = pixels.shape[0], pixels.shape[2]
+        pixels = pixels.float()
+        if process is not None:
+            pixels = process(pixels)
+        src = pixels.movedim(1, -1)
+        dst = self.out[batch_index:batch_index + b, frame_start:frame_start + t]
+        if tuple(dst.shape) != tuple(src.shape):
+            raise ValueError(f"slice of shape {tuple(src.shape)} does not fit output frames {frame_start}..{frame_start + t} "
+                             f"of {tuple(self.out.shape)}")
+        non_blocking = self.pinned and src.device.type == "cuda"
+        dst.copy_(src, non_blocking=non_blocking)
+        self._pending = self._pending or non_blocking
+        self.frames_written = max(self.frames_written, frame_start + t)
+        return t
+
+    def result(self) -> torch.Tensor:
+        """The output, once every pending copy has finished."""
+        if self._pending and torch.cuda.is_available():
+            torch.cuda.synchronize()
+            self._pending = False
+        return self.out
+
+
+# ---------------------------------------------------------------- row chunks with a halo
+
+
+@dataclass(frozen=True)
+class RowChunk:
+    """Rows ``[lo, hi)`` are computed; rows ``[keep_lo, keep_hi)`` are kept (input scale)."""
+
+    lo: int
+    hi: int
+    keep_lo: int
+    keep_hi: int
+
+
+def row_plan(rows: int, chunks: int, halo: int) -> list[RowChunk]:
+    """Split ``rows`` into ``chunks`` kept bands, each computed with ``halo`` extra rows per side.
+
+    Bands are never thinner than ``halo`` rows (fewer chunks are used instead),
+    so a halo never reaches past the neighbouring band.
+    """
+    chunks = max(1, min(int(chunks), rows))
+    if halo > 0:
+        chunks = max(1, min(chunks, rows // max(halo, 1)))
+    bounds = [round(i * rows / chunks) for i in range(chunks + 1)]
+    plan = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if b <= a:
+            continue
+        plan.append(RowChunk(max(0, a - halo), min(rows, b + halo), a, b))
+    return plan
+
+
+def chunks_for_budget(layer_bytes: float, budget_bytes: float, rows: int, halo: int, min_rows: int = 8) -> int:
+    """Row chunks so that one chunk's working set (``layer_bytes`` / chunks) fits ``budget_bytes``.
+
+    Keeps chunks at least ``max(min_rows, 2 * halo)`` rows so the halo overhead stays small.
+    """
+    if budget_bytes <= 0 or layer_bytes <= budget_bytes:
+        return 1
+    n = math.ceil(layer_bytes / budget_bytes)
+    floor_rows = max(min_rows, 2 * halo, 1)
+    return max(1, min(n, rows // floor_rows))
+
+
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def conv_halo(module: nn.Module, row_axis_from_end: int = 2) -> int | None:
+    """Rows of context one call of ``module`` reads on each side (a safe upper bound).
+
+    Sums ``(kernel - 1) // 2 * dilation`` over the row axis of every convolution
+    inside (the ops between them are per pixel or nearest upsampling; counting
+    every conv at the input scale can only over-estimate). ``None`` if a
+    convolution is strided or has an even kernel along rows: then chunking is
+    not shown to be exact and the caller must run the layer whole.
+    """
+    total = 0
+    for sub in module.modules():
+        if isinstance(sub, _CONV_TYPES):
+            k = sub.kernel_size[-row_axis_from_end] if len(sub.kernel_size) >= row_axis_from_end else 1
+            s = sub.stride[-row_axis_from_end] if len(sub.stride) >= row_axis_from_end else 1
+            d = sub.dilation[-row_axis_from_end] if len(sub.dilation) >= row_axis_from_end else 1
+            if s != 1 or k % 2 == 0:
+                return None
+            total += (k - 1) // 2 * d
+    return total
+
+
+def _rows(t: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    return t.narrow(-2, start, stop - start)
+
+
+def _scale(big: int, small: int) -> int | None:
+    if small <= 0 or big % small:
+        return None
+    return big // small
+
+
+def row_chunked_call(fn: Callable[[torch.Tensor, list], tuple[torch.Tensor, int]], x: torch.Tensor, cache: list | None,
+                     halo: int, chunks: int) -> tuple[torch.Tensor, int]:
+    """Run ``fn(x_rows, local_cache) -> (y_rows, slots_used)`` on row chunks of ``x``; stitch output and cache.
+
+    ``x`` is ``[..., rows, width]`` (rows on axis -2). ``cache`` is the list of
+    causal-cache slots the call may read and replace, in call order (``None``,
+    a marker string, or a tensor whose axis -2 is an integer multiple of
+    ``x``'s rows, as the Wan VAE's ``feat_cache`` entries are); ``fn`` gets, per
+    chunk, a list of the same slots cut to the chunk's rows, and returns the
+    output rows and how many leading slots it used (how far it advanced its
+    cache index). Those slots are rebuilt from every chunk's kept rows and
+    written back into ``cache``; the stitched output and the slot count are
+    returned.
+    """
+    rows = x.shape[-2]
+    plan = row_plan(rows, chunks, halo)
+    cache = cache if cache is not None else []
+    if len(plan) <= 1:
+        local = list(cache)
+        y, used = fn(x, local)
+        cache[:used] = local[:used]
+        return y, used
+
+    out = None
+    out_scale = None
+    new_slots: list | None = None
+    used = None
+    for chunk in plan:
+        local = []
+        for entry in cache:
+            if isinstance(entry, torch.Tensor):
+                sc = _scale(entry.shape[-2], rows)
+                if sc is None:
+                    raise ValueError(f"cache slot with {entry.shape[-2]} rows does not scale with {rows} input rows")
+                local.append(_rows(entry, chunk.lo * sc, chunk.hi * sc))
+            else:
+                local.append(entry)
+        x_rows = _rows(x, chunk.lo, chunk.hi)
+        y, n_used = fn(x_rows, local)
+        n_rows = chunk.hi - chunk.lo
+        if out is None:
+            out_scale = _scale(y.shape[-2], n_rows)
+            if out_scale is None:
+                raise ValueError(f"layer output has {y.shape[-2]} rows for {n_rows} input rows")
+            out = y.new_empty(y.shape[:-2] + (rows * out_scale, y.shape[-1]))
+            used = n_used
+            new_slots = [None] * used
+        elif n_used != used:
+            raise ValueError(f"chunks used different cache slot counts ({used} vs {n_used})")
+        keep = (chunk.keep_lo - chunk.lo, chunk.keep_hi - chunk.lo)
+        _rows(out, chunk.keep_lo * out_scale, chunk.keep_hi * out_scale).copy_(_rows(y, keep[0] * out_scale, keep[1] * out_scale))
+        del y
+        for i in range(used):
+            entry = local[i]
+            if isinstance(entry, torch.Tensor):
+                sc = _scale(entry.shape[-2], n_rows)
+                if sc is None:
+                    raise ValueError(f"cache slot with {entry.shape[-2]} rows does not scale with {n_rows} chunk rows")
+                if not isinstance(new_slots[i], torch.Tensor):
+                    new_slots[i] = entry.new_empty(entry.shape[:-2] + (rows * sc, entry.shape[-1]))
+                _rows(new_slots[i], chunk.keep_lo * sc, chunk.keep_hi * sc).copy_(_rows(entry, keep[0] * sc, keep[1] * sc))
+            else:
+                new_slots[i] = entry
+        del local
+    cache[:used] = new_slots
+    return out, used
+

@@ -1,0 +1,215 @@
+"""Sliced VAE Decode against ComfyUI's own VAEDecode, through the host's real loaders and code paths."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+TESTS = Path(__file__).resolve().parent
+
+
+def _slicing():
+    mod = next(m for name, m in sys.modules.items() if name.endswith(".nodes.vae_slicing"))
+    return mod
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: tiny CPU convs gain nothing from more, and on a shared machine OpenMP spinning
+    between oversubscribed threads made these tests 20x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def wan_vae(comfy_host):
+    import nodes
+    from harness import fixtures
+
+    return nodes.VAELoader().load_vae(fixtures.WAN_VAE.name)[0]
+
+
+@pytest.fixture(scope="module")
+def sd_vae(comfy_host):
+    import nodes
+    from harness import fixtures
+
+    return nodes.VAELoader().load_vae(fixtures.SD_VAE.name)[0]
+
+
+_REFS: dict = {}
+
+
+def _latent(shape, seed=0):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _reference(vae, z, key):
+    import nodes
+
+    if key not in _REFS:
+        with torch.inference_mode():
+            _REFS[key] = nodes.VAEDecode().decode(vae, {"samples": z})[0]
+    return _REFS[key]
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("frames", [1, 2, 5, 21])
+@pytest.mark.parametrize("per_slice", [1, 2, 3])
+def test_wan_sliced_equals_vaedecode(wan_vae, frames, per_slice, batch):
+    z = _latent((batch, 16, frames, 3, 5), seed=frames * 10 + batch)
+    ref = _reference(wan_vae, z, ("wan", frames, batch))
+    vs = _slicing()
+    # Row chunks forced on (3 per layer) on odd cases, whole frames on the others: both must be exact.
+    row_chunks = 3 if (frames + per_slice) % 2 else 1
+    got = vs.decode(wan_vae, z, vs.DecodeOptions(frames_per_slice=per_slice, row_chunks=row_chunks)).images
+    assert got.shape == ref.shape and got.dtype == ref.dtype and got.device == ref.device
+    assert (got - ref).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("row_chunks", [2, 5, 16])
+def test_wan_row_chunks_exact_odd_size(wan_vae, row_chunks):
+    """The halo row-chunking (every full-resolution layer split into row bands) changes nothing, at odd sizes."""
+    z = _latent((1, 16, 5, 11, 7), seed=3)
+    ref = _reference(wan_vae, z, ("wan-odd", 5))
+    vs = _slicing()
+    result = vs.decode(wan_vae, z, vs.DecodeOptions(frames_per_slice=2, row_chunks=row_chunks))
+    assert result.images.shape == ref.shape == (17, 88, 56, 3)
+    assert (result.images - ref).abs().max().item() <= 1e-5
+    assert any("row chunks" in n for n in result.notes)
+
+
+def test_row_chunks_really_split(wan_vae, monkeypatch):
+    """Guard against a vacuous exactness test: forced row chunks do run the layers on partial rows."""
+    vs = _slicing()
+    seen = []
+    original = vs.ds.row_chunked_call
+
+    def spy(fn, x, cache, halo, chunks):
+        seen.append((x.shape[-2], chunks, halo))
+        return original(fn, x, cache, halo, chunks)
+
+    monkeypatch.setattr(vs.ds, "row_chunked_call", spy)
+    z = _latent((1, 16, 2, 9, 5), seed=4)
+    vs.decode(wan_vae, z, vs.DecodeOptions(frames_per_slice=1, row_chunks=4))
+    full_res = [s for s in seen if s[0] == 72]
+    assert full_res and all(c > 1 for _, c, _ in full_res)
+    assert all(h >= 1 for _, _, h in seen)
+
+
+@pytest.mark.parametrize("per_slice", [1, 2, 5])
+def test_sd_vae_frame_slices_equal(sd_vae, per_slice):
+    z = _latent((5, 4, 5, 7), seed=7)
+    ref = _reference(sd_vae, z, ("sd", 5))
+    vs = _slicing()
+    result = vs.decode(sd_vae, z, vs.DecodeOptions(frames_per_slice=per_slice))
+    assert result.path == "image frame slices"
+    assert result.images.shape == ref.shape == (5, 40, 56, 3)
+    assert (result.images - ref).abs().max().item() <= 1e-5
+    assert result.slices == -(-5 // per_slice)
+
+
+def test_node_through_prompt(runner, wan_vae):
+    """The registered node in a real prompt: IMAGE like VAEDecode's and a report string."""
+    from harness import fixtures
+
+    prompt = {
+        "1": {"class_type": "VAELoader", "inputs": {"vae_name": fixtures.WAN_VAE.name}},
+        "2": {"class_type": "EmptyHunyuanLatentVideo", "inputs": {"width": 48, "height": 40, "length": 9, "batch_size": 1}},
+        "3": {"class_type": "SlicedVAEDecode", "inputs": {"samples": ["2", 0], "vae": ["1", 0], "frames_per_slice": 1,
+                                                         "row_chunks": 0, "budget_mb": 0, "tile_fallback": True}},
+        "4": {"class_type": "VAEDecode", "inputs": {"samples": ["2", 0], "vae": ["1", 0]}},
+    }
+    result = runner.run(prompt)
+    ours, ref = result.output("3", 0), result.output("4", 0)
+    report = result.output("3", 1)
+    assert ours.shape == ref.shape == (9, 40, 48, 3)
+    assert torch.equal(ours, ref)
+    assert "LightCache decode (wan causal slices)" in report and "peak" in report
+
+
+def _node_class():
+    return next(m for name, m in sys.modules.items() if name.endswith(".nodes.vae_node")).SlicedVAEDecode
+
+
+def test_every_input_and_output_has_a_tooltip(comfy_host):
+    schema = _node_class().define_schema()
+    assert schema.display_name == "Sliced VAE Decode"
+    for item in list(schema.inputs) + list(schema.outputs):
+        assert getattr(item, "tooltip", None), f"{item} has no tooltip"
+
+
+def test_invalid_inputs_raise_clear_errors(comfy_host, wan_vae):
+    node = _node_class()
+    with pytest.raises(ValueError, match="Sliced VAE Decode: input 'samples'"):
+        node.execute(torch.zeros(1), wan_vae)
+    with pytest.raises(ValueError, match="Sliced VAE Decode: input 'vae'"):
+        node.execute({"samples": torch.zeros(1, 16, 1, 2, 2)}, None)
+
+
+def test_other_vae_falls_back_with_log(wan_vae, caplog):
+    """A VAE without a strategy goes through ComfyUI's VAE.decode, with a log line."""
+    vs = _slicing()
+    z = _latent((1, 16, 2, 3, 3), seed=9)
+    ref = _reference(wan_vae, z, ("wan-fb", 2))
+    original = vs.family_of
+    try:
+        vs.family_of = lambda vae, samples: "other"
+        with caplog.at_level("INFO", logger="LightCache"):
+            result = vs.decode(wan_vae, z, vs.DecodeOptions())
+    finally:
+        vs.family_of = original
+    assert torch.equal(result.images, ref)
+    assert "fallback" in result.path and any("no slicing strategy" in r.getMessage() for r in caplog.records)
+
+
+_MEMORY_CHILD = textwrap.dedent("""
+    import json, sys, threading, time, gc
+    sys.path.insert(0, {tests!r})
+    from harness import host, fixtures
+    host.boot(host.CACHE / "models"); fixtures.ensure_fixtures(host.CACHE / "models")
+    import psutil, torch, nodes
+    torch.set_num_threads(1)
+    vs = next(m for n, m in sys.modules.items() if n.endswith(".nodes.vae_slicing"))
+    vae = nodes.VAELoader().load_vae(fixtures.WAN_VAE.name)[0]
+    frames = int(sys.argv[1])
+    z = torch.randn(1, 16, frames, 8, 12, generator=torch.Generator().manual_seed(0))
+    warm = vs.decode(vae, z[:, :, :2], vs.DecodeOptions(frames_per_slice=1, row_chunks=4)).images
+    del warm; gc.collect()
+    proc = psutil.Process(); base = proc.memory_info().rss; peak = [base]; stop = threading.Event()
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss); time.sleep(0.002)
+    th = threading.Thread(target=sample, daemon=True); th.start()
+    out = vs.decode(vae, z, vs.DecodeOptions(frames_per_slice=1, row_chunks=4)).images
+    stop.set(); th.join()
+    print(json.dumps({{"peak": peak[0] - base, "output": out.numel() * out.element_size()}}))
+""")
+
+
+@pytest.mark.slow
+def test_peak_memory_does_not_grow_with_frames(comfy_host, tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text(_MEMORY_CHILD.format(tests=str(TESTS)))
+    figures = {}
+    # A fixed mmap threshold stops glibc's heap from keeping freed blocks resident (its dynamic threshold
+    # otherwise makes RSS creep up with the number of allocations, whoever makes them): this measures what
+    # the decode holds, not allocator retention.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    for frames in (5, 21):
+        proc = subprocess.run([sys.executable, str(script), str(frames)], capture_output=True, text=True, timeout=600,
+                              env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        figures[frames] = json.loads(proc.stdout.strip().splitlines()[-1])
+    # The output buffer itself must grow with the clip; the working memory on top of it must not.
+    work5 = figures[5]["peak"] - figures[5]["output"]
+    work21 = figures[21]["peak"] - figures[21]["output"]
+    assert work21 <= work5 * 1.25 + 8 * 2**20, figures
