@@ -11,7 +11,7 @@
 //  * LightCache Sampler: a badge over the title "<speedup>x est · <n>/<steps> steps reused"
 //    (a step counts when at least one of its evaluations reused), a compact timeline
 //    strip (one cell per model evaluation, one row per CFG branch, coloured by decision),
-//    a colour key with counts, and the cache bytes offloaded to CPU RAM (+ GPU peak);
+//    a colour key with counts, and the cache bytes offloaded to CPU RAM (+ the compute-device peak);
 //  * Sliced VAE Decode: a badge with the slices used and the peak memory.
 //
 // Badges are native LGraphBadge objects (node.badges); where the frontend has none, a
@@ -133,7 +133,7 @@ function applySamplerReport(state, report) {
     const stats = report.cache_stats;
     const offloaded = Math.max(Number(stats.bytes_to_host) || 0, Number(stats.host_bytes) || 0);
     let line = `cache: ${formatBytes(offloaded)} offloaded to CPU`;
-    if (stats.peak_device_bytes) line += ` · GPU peak ${formatBytes(stats.peak_device_bytes)}`;
+    if (stats.peak_device_bytes) line += ` · device peak ${formatBytes(stats.peak_device_bytes)}`;
     state.info.push(line);
   }
 }
