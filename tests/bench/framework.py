@@ -122,6 +122,7 @@ class BenchContext:
 
     def __init__(self, scratch: Path) -> None:
         sys.path.insert(0, str(TESTS))
+        from harness import corelink  # noqa: F401  (cases may import lightcache_core directly)
         from harness import fixtures, host
 
         self.models_dir = Path(os.environ.get("LIGHTCACHE_MODELS_DIR", host.CACHE / "models"))
@@ -175,7 +176,6 @@ def run_child(module_name: str, case_name: str, scratch: Path) -> None:
 def _fidelity(ours: str, ref: str) -> dict:
     import torch
 
-    sys.path.insert(0, str(REPO / ".cache" / "pypath"))
     from harness import corelink  # noqa: F401  (puts lightcache_core on sys.path)
     from lightcache_core.metrics import psnr, ssim
 
