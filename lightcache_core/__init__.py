@@ -17,6 +17,7 @@ Modules:
 
 from .cache_store import CacheStats, CacheStore, Placement, StoreConfig
 from .chunking import ChunkPolicy, balanced_pieces, plan_chunk_rows, run_chunked
+from .memory_probe import PeakMemory
 from .metrics import psnr, ssim
 from .pinned_pool import PinnedBufferPool, PooledBuffer
 from .policy import REUSE_ORDER, Granularity, MixPolicyConfig, choose_granularity, estimated_error
@@ -32,6 +33,7 @@ from .schedules import (
 
 __all__ = [
     "AccumulatedChange",
+    "PeakMemory",
     "balanced_pieces",
     "CacheStats",
     "CacheStore",

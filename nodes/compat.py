@@ -381,3 +381,11 @@ def progress_bar(total: int):
                 pass
 
         return _Nop()
+
+
+def process_rss_reader():
+    """A callable returning this process's resident bytes (psutil ships with ComfyUI)."""
+    import psutil
+
+    process = psutil.Process()
+    return lambda: process.memory_info().rss

@@ -10,6 +10,7 @@ import time
 
 from comfy_api.latest import io
 
+from ..lightcache_core.memory_probe import PeakMemory
 from ..lightcache_core.report import DecodeReport
 from . import compat, vae_slicing
 
@@ -82,7 +83,7 @@ class SlicedVAEDecode(io.ComfyNode):
         options = vae_slicing.DecodeOptions(frames_per_slice=int(frames_per_slice), row_chunks=int(row_chunks),
                                             budget_bytes=int(budget_mb) * 2**20, tile_fallback=bool(tile_fallback))
         start = time.perf_counter()
-        with vae_slicing.PeakMemory(vae.device) as peak:
+        with PeakMemory(vae.device, compat.process_rss_reader()) as peak:
             result = vae_slicing.decode(vae, latent, options)
         seconds = time.perf_counter() - start
         report = DecodeReport(slices=result.slices, frames_per_slice=result.frames_per_slice, peak_bytes=int(peak.peak),

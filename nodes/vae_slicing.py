@@ -21,7 +21,6 @@ import inspect
 import logging
 import math
 import sys
-import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -55,52 +54,6 @@ class DecodeResult:
     slices: int
     frames_per_slice: int
     notes: list[str] = field(default_factory=list)
-
-
-# ---------------------------------------------------------------- memory sampling
-
-
-class PeakMemory:
-    """Peak device memory of a region: CUDA peak allocated, else sampled process RSS (above the start)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = torch.device(device)
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = None
-
-    def __enter__(self) -> "PeakMemory":
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            try:
-                import psutil
-
-                self._proc = psutil.Process()
-                self._base = self._proc.memory_info().rss
-                self._max = self._base
-                self._thread = threading.Thread(target=self._sample, daemon=True)
-                self._thread.start()
-            except ImportError:
-                self._base = 0
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self._max = max(self._max, self._proc.memory_info().rss)
-            self._stop.wait(0.005)
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
-        elif self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-            self._max = max(self._max, self._proc.memory_info().rss)
-            self.peak = self._max - self._base
 
 
 # ---------------------------------------------------------------- family detection

@@ -172,11 +172,11 @@ def test_other_vae_falls_back_with_log(wan_vae, caplog):
 
 
 _MEMORY_CHILD = textwrap.dedent("""
-    import json, sys, threading, time, gc
+    import json, sys, gc
     sys.path.insert(0, {tests!r})
     from harness import host, fixtures
     host.boot(host.CACHE / "models"); fixtures.ensure_fixtures(host.CACHE / "models")
-    import psutil, torch, nodes
+    import torch, nodes
     torch.set_num_threads(1)
     vs = next(m for n, m in sys.modules.items() if n.endswith(".nodes.vae_slicing"))
     vae = nodes.VAELoader().load_vae(fixtures.WAN_VAE.name)[0]
@@ -184,14 +184,13 @@ _MEMORY_CHILD = textwrap.dedent("""
     z = torch.randn(1, 16, frames, 8, 12, generator=torch.Generator().manual_seed(0))
     warm = vs.decode(vae, z[:, :, :2], vs.DecodeOptions(frames_per_slice=1, row_chunks=4)).images
     del warm; gc.collect()
-    proc = psutil.Process(); base = proc.memory_info().rss; peak = [base]; stop = threading.Event()
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss); time.sleep(0.002)
-    th = threading.Thread(target=sample, daemon=True); th.start()
-    out = vs.decode(vae, z, vs.DecodeOptions(frames_per_slice=1, row_chunks=4)).images
-    stop.set(); th.join()
-    print(json.dumps({{"peak": peak[0] - base, "output": out.numel() * out.element_size()}}))
+    from harness import corelink
+    from lightcache_core.memory_probe import PeakMemory
+    import psutil
+    process = psutil.Process()
+    with PeakMemory("cpu", lambda: process.memory_info().rss) as probe:
+        out = vs.decode(vae, z, vs.DecodeOptions(frames_per_slice=1, row_chunks=4)).images
+    print(json.dumps({{"peak": probe.peak, "output": out.numel() * out.element_size()}}))
 """)
 
 

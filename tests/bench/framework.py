@@ -26,7 +26,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -60,61 +59,31 @@ class Measurement:
     cuda: bool = False
 
 
-class PeakRSS:
-    """Samples this process's RSS every ``interval`` seconds on a thread; keeps the maximum."""
-
-    def __init__(self, interval: float = 0.002) -> None:
-        import psutil
-
-        self._proc = psutil.Process()
-        self.interval = interval
-        self.before = self._proc.memory_info().rss
-        self.peak = self.before
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            rss = self._proc.memory_info().rss
-            if rss > self.peak:
-                self.peak = rss
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> "PeakRSS":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._proc.memory_info().rss)
-
-
 def measure(fn: Callable[[], object]) -> tuple[object, Measurement]:
     """Run ``fn`` once; return its result and the region's wall time and peak memory.
 
-    On CUDA the peak is ``max_memory_allocated`` above the allocation before;
-    on CPU it is the peak sampled RSS above the RSS before.
+    Peak memory comes from the core's ``PeakMemory`` (what the nodes report):
+    CUDA peak allocated above the allocation before, else sampled RSS above
+    the RSS before.
     """
     import gc
 
+    import psutil
     import torch
 
+    from harness import corelink  # noqa: F401
+    from lightcache_core.memory_probe import PeakMemory
+
     gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    process = psutil.Process()
+    with PeakMemory(device, lambda: process.memory_info().rss) as probe:
         start = time.perf_counter()
         result = fn()
-        torch.cuda.synchronize()
+        if device == "cuda":
+            torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-        return result, Measurement(seconds, torch.cuda.max_memory_allocated() - before, before, cuda=True)
-    with PeakRSS() as rss:
-        start = time.perf_counter()
-        result = fn()
-        seconds = time.perf_counter() - start
-    return result, Measurement(seconds, rss.peak - rss.before, rss.before)
+    return result, Measurement(seconds, probe.peak, probe.before, cuda=device == "cuda")
 
 
 class BenchContext:
@@ -174,6 +143,7 @@ def run_child(module_name: str, case_name: str, scratch: Path) -> None:
 
 
 def _fidelity(ours: str, ref: str) -> dict:
+    import psutil
     import torch
 
     from harness import corelink  # noqa: F401  (puts lightcache_core on sys.path)
@@ -283,4 +253,4 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-__all__ = ["BenchCase", "BenchContext", "Measurement", "PeakRSS", "measure", "median", "run_all", "run_child", "discover", "asdict"]
+__all__ = ["BenchCase", "BenchContext", "Measurement", "measure", "median", "run_all", "run_child", "discover", "asdict"]
