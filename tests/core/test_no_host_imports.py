@@ -6,9 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from harness.corelink import PYPATH
+
 HOST_MODULES = ("comfy", "nodes", "folder_paths", "comfy_api", "comfy_extras")
 CORE = Path(__file__).resolve().parents[2] / "lightcache_core"
-PYPATH = CORE.parent / ".cache" / "pypath"
 
 
 def test_importing_core_loads_no_host_module(tmp_path):

@@ -16,10 +16,14 @@ PYPATH = REPO / ".cache" / "pypath"
 def ensure() -> Path:
     PYPATH.mkdir(parents=True, exist_ok=True)
     link = PYPATH / "lightcache_core"
-    if not link.is_symlink():
-        if link.exists():
+    target = REPO / "lightcache_core"
+    if not (link.is_symlink() and link.resolve() == target.resolve()):
+        if link.is_symlink() or link.exists():
             link.unlink()
-        link.symlink_to(REPO / "lightcache_core", target_is_directory=True)
+        try:
+            link.symlink_to(target, target_is_directory=True)
+        except FileExistsError:  # made at the same moment by a parallel process
+            pass
     if str(PYPATH) not in sys.path:
         sys.path.insert(0, str(PYPATH))
     return PYPATH
