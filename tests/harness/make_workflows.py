@@ -122,7 +122,7 @@ WORKFLOWS = {
     "lightcache_wan21_t2v_1.3B.json": (lambda: wan_t2v("wan2.1_t2v_1.3B_fp16.safetensors", "Wan 2.1 T2V 1.3B"),
                                        "Models: wan2.1_t2v_1.3B_fp16.safetensors (diffusion_models), umt5_xxl_fp8_e4m3fn_scaled.safetensors (text_encoders), wan_2.1_vae.safetensors (vae)."),
     "lightcache_wan21_t2v_14B.json": (lambda: wan_t2v("wan2.1_t2v_14B_fp8_e4m3fn.safetensors", "Wan 2.1 T2V 14B", width=1280, height=720, length=33),
-                                      "Models: wan2.1_t2v_14B_fp8_e4m3fn.safetensors (diffusion_models), umt5_xxl_fp8_e4m3fn_scaled.safetensors (text_encoders), wan_2.1_vae.safetensors (vae). At 720p, Chunked Model Patch and Sliced VAE Decode are what keep 24 GB cards out of OOM."),
+                                      "Models: wan2.1_t2v_14B_fp8_e4m3fn.safetensors (diffusion_models), umt5_xxl_fp8_e4m3fn_scaled.safetensors (text_encoders), wan_2.1_vae.safetensors (vae). At 720p the activation and decode peaks are largest: that is where Chunked Model Patch and Sliced VAE Decode matter most."),
     "lightcache_wan22_ti2v_5B.json": (wan22_ti2v_5b,
                                       "Models: wan2.2_ti2v_5B_fp16.safetensors (diffusion_models), umt5_xxl_fp8_e4m3fn_scaled.safetensors (text_encoders), wan2.2_vae.safetensors (vae)."),
     "lightcache_hunyuan_video_t2v.json": (hunyuan_t2v,
