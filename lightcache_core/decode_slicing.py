@@ -15,6 +15,10 @@ turns a host VAE into calls of the pieces here:
   a layer reads at most ``halo`` neighbouring rows (convolutions with "same"
   padding, per-pixel norms, nearest upsampling), the kept rows of every chunk
   depend only on true input rows: the result equals the whole-frame call.
+* :func:`frame_chunked_call` runs time-preserving causal layers on one frame
+  (or a few) at a time, keeping every causal-cache slot at the trailing
+  ``cache_frames`` frames of its input, so the result equals the call on all
+  frames while the working set shrinks by the number of frames.
 """
 from __future__ import annotations
 
@@ -220,7 +224,7 @@ def _scale(big: int, small: int) -> int | None:
 
 
 def row_chunked_call(fn: Callable[[torch.Tensor, list], tuple[torch.Tensor, int]], x: torch.Tensor, cache: list | None,
-                     halo: int, chunks: int) -> tuple[torch.Tensor, int]:
+                     halo: int, chunks: int, cache_frames: int = 2) -> tuple[torch.Tensor, int]:
     """Run ``fn(x_rows, local_cache) -> (y_rows, slots_used)`` on row chunks of ``x``; stitch output and cache.
 
     ``x`` is ``[..., rows, width]`` (rows on axis -2). ``cache`` is the list of
@@ -230,8 +234,14 @@ def row_chunked_call(fn: Callable[[torch.Tensor, list], tuple[torch.Tensor, int]
     chunk, a list of the same slots cut to the chunk's rows, and returns the
     output rows and how many leading slots it used (how far it advanced its
     cache index). Those slots are rebuilt from every chunk's kept rows and
-    written back into ``cache``; the stitched output and the slot count are
-    returned.
+    written back into ``cache`` (each slot topped up to ``cache_frames``
+    frames as in :func:`keep_cache_frames`); the stitched output and the slot
+    count are returned.
+
+    Memory: a slot whose shape does not change is rewritten in place, band by
+    band; only the rows the next chunk reads as its upper halo are copied
+    aside first. So a call holds the layer's input and output and one chunk's
+    worth of cache, not a second copy of every slot.
     """
     rows = x.shape[-2]
     plan = row_plan(rows, chunks, halo)
@@ -239,25 +249,32 @@ def row_chunked_call(fn: Callable[[torch.Tensor, list], tuple[torch.Tensor, int]
     if len(plan) <= 1:
         local = list(cache)
         y, used = fn(x, local)
+        keep_cache_frames(cache[:used], local, 0, cache_frames)
         cache[:used] = local[:used]
         return y, used
 
     out = None
     out_scale = None
-    new_slots: list | None = None
+    targets: list | None = None  # where each used slot's new rows go: the old slot itself, or a new tensor
+    stash: dict[int, torch.Tensor] = {}  # old rows of an in-place slot that the next chunk reads as its top halo
     used = None
-    for chunk in plan:
+    for ci, chunk in enumerate(plan):
         local = []
-        for entry in cache:
+        for i, entry in enumerate(cache):
             if isinstance(entry, torch.Tensor):
                 sc = _scale(entry.shape[-2], rows)
                 if sc is None:
                     raise ValueError(f"cache slot with {entry.shape[-2]} rows does not scale with {rows} input rows")
-                local.append(_rows(entry, chunk.lo * sc, chunk.hi * sc))
+                if i in stash:
+                    local.append(torch.cat([stash.pop(i), _rows(entry, chunk.keep_lo * sc, chunk.hi * sc)], -2))
+                else:
+                    local.append(_rows(entry, chunk.lo * sc, chunk.hi * sc))
             else:
                 local.append(entry)
-        x_rows = _rows(x, chunk.lo, chunk.hi)
-        y, n_used = fn(x_rows, local)
+        before = list(local)
+        y, n_used = fn(_rows(x, chunk.lo, chunk.hi), local)
+        keep_cache_frames(before[:n_used], local, 0, cache_frames)
+        del before
         n_rows = chunk.hi - chunk.lo
         if out is None:
             out_scale = _scale(y.shape[-2], n_rows)
@@ -265,24 +282,79 @@ def row_chunked_call(fn: Callable[[torch.Tensor, list], tuple[torch.Tensor, int]
                 raise ValueError(f"layer output has {y.shape[-2]} rows for {n_rows} input rows")
             out = y.new_empty(y.shape[:-2] + (rows * out_scale, y.shape[-1]))
             used = n_used
-            new_slots = [None] * used
+            targets = [None] * used
         elif n_used != used:
             raise ValueError(f"chunks used different cache slot counts ({used} vs {n_used})")
         keep = (chunk.keep_lo - chunk.lo, chunk.keep_hi - chunk.lo)
         _rows(out, chunk.keep_lo * out_scale, chunk.keep_hi * out_scale).copy_(_rows(y, keep[0] * out_scale, keep[1] * out_scale))
         del y
+        nxt = plan[ci + 1] if ci + 1 < len(plan) else None
         for i in range(used):
-            entry = local[i]
-            if isinstance(entry, torch.Tensor):
-                sc = _scale(entry.shape[-2], n_rows)
-                if sc is None:
-                    raise ValueError(f"cache slot with {entry.shape[-2]} rows does not scale with {n_rows} chunk rows")
-                if not isinstance(new_slots[i], torch.Tensor):
-                    new_slots[i] = entry.new_empty(entry.shape[:-2] + (rows * sc, entry.shape[-1]))
-                _rows(new_slots[i], chunk.keep_lo * sc, chunk.keep_hi * sc).copy_(_rows(entry, keep[0] * sc, keep[1] * sc))
-            else:
-                new_slots[i] = entry
+            new = local[i]
+            if not isinstance(new, torch.Tensor):
+                targets[i] = new
+                continue
+            sc = _scale(new.shape[-2], n_rows)
+            if sc is None:
+                raise ValueError(f"cache slot with {new.shape[-2]} rows does not scale with {n_rows} chunk rows")
+            if targets[i] is None or not isinstance(targets[i], torch.Tensor):
+                old = cache[i]
+                full_shape = new.shape[:-2] + (rows * sc, new.shape[-1])
+                if (isinstance(old, torch.Tensor) and old.shape == full_shape and old.dtype == new.dtype
+                        and old.device == new.device):
+                    targets[i] = old  # same shape as before: overwrite in place, band by band
+                else:
+                    targets[i] = new.new_empty(full_shape)
+            target = targets[i]
+            if target is cache[i] and nxt is not None:
+                stash[i] = _rows(target, nxt.lo * sc, nxt.keep_lo * sc).clone()
+            _rows(target, chunk.keep_lo * sc, chunk.keep_hi * sc).copy_(_rows(new, keep[0] * sc, keep[1] * sc))
         del local
-    cache[:used] = new_slots
+    cache[:used] = targets
     return out, used
 
+
+# ---------------------------------------------------------------- frame sub-units with the causal cache carried
+
+
+def frame_chunked_call(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, frames_per_call: int = 1) -> torch.Tensor:
+    """Run ``fn(x_frames) -> y_frames`` over consecutive groups of ``frames_per_call`` frames; stitch along time.
+
+    ``x`` is ``[b, c, t, ...]`` and ``fn`` keeps the frame count, so the result
+    is ``[b, c_out, t, ...]``. Calls run in time order: a causal ``fn`` carries
+    its cache from one group to the next (see :func:`keep_cache_frames`).
+    """
+    frames = x.shape[2]
+    step = max(1, int(frames_per_call))
+    if frames <= step:
+        return fn(x)
+    out = None
+    for start in range(0, frames, step):
+        stop = min(frames, start + step)
+        y = fn(x[:, :, start:stop])
+        if out is None:
+            out = y.new_empty(y.shape[:2] + (frames,) + y.shape[3:])
+        out[:, :, start:stop].copy_(y)
+        del y
+    return out
+
+
+def keep_cache_frames(replaced: Sequence, cache: list, start: int, cache_frames: int = 2) -> None:
+    """Keep causal-cache slots at ``cache_frames`` trailing frames after a call on fewer frames.
+
+    ``replaced`` holds the values of ``cache[start:start + len(replaced)]``
+    before the call. A causal convolution with a temporal kernel of
+    ``cache_frames + 1`` reads its slot's frames in front of its input, so it
+    gives the same frames on all ``t`` frames at once or a few at a time,
+    provided its slot holds the ``cache_frames`` frames before each call. Some
+    hosts keep only the frames of the latest input (one frame after a
+    one-frame call); such a slot (``[b, c, t', ...]`` with ``t' < cache_frames``)
+    is topped up in place in the list from the value it replaced.
+    """
+    for i, old in enumerate(replaced):
+        new = cache[start + i]
+        if new is old or not isinstance(new, torch.Tensor) or not isinstance(old, torch.Tensor):
+            continue
+        short = cache_frames - new.shape[2]
+        if short > 0 and old.shape[:2] == new.shape[:2] and old.shape[3:] == new.shape[3:]:
+            cache[start + i] = torch.cat([old[:, :, -short:].to(new.device, new.dtype), new], 2)

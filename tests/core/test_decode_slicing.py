@@ -117,3 +117,111 @@ def test_too_small_halo_is_not_exact():
         ref = block(x, [None], [0])
         got, _ = ds.row_chunked_call(lambda xr, local: (block(xr, local, [0]), 1), x, [None], 0, 3)
     assert (got - ref).abs().max() > 1e-3
+
+
+class HostCausalBlock(nn.Module):
+    """A causal 3x3x3 residual stage with the Wan VAE's cache rule: the conv reads its slot's frames in front
+    of its input (zeros for whatever is missing of 2), and the slot then holds its input's last 2 frames.
+    ``prepend`` (0.3.x hosts): after a one-frame input the slot's previous last frame is kept in front;
+    without it (newer hosts) the slot holds just the one frame."""
+
+    def __init__(self, c=4, prepend=True):
+        super().__init__()
+        self.conv = nn.Conv3d(c, c, 3, padding=(0, 1, 1))
+        self.prepend = prepend
+
+    def forward(self, x, cache, idx):
+        h = F.silu(F.normalize(x, dim=1))
+        prev = cache[idx[0]]
+        new = h[:, :, -2:].clone()
+        if self.prepend and new.shape[2] < 2 and isinstance(prev, torch.Tensor):
+            new = torch.cat([prev[:, :, -1:], new], 2)
+        front = prev if isinstance(prev, torch.Tensor) else h[:, :, :0]
+        pad = h.new_zeros(h.shape[:2] + (2 - front.shape[2],) + h.shape[3:])
+        y = self.conv(torch.cat([pad, front, h], 2))
+        cache[idx[0]] = new
+        idx[0] += 1
+        return x + y
+
+
+@pytest.mark.parametrize("prepend", [True, False])
+@pytest.mark.parametrize("row_chunks", [0, 1, 3])
+def test_frame_chunked_call_equals_whole_units(prepend, row_chunks):
+    """Units of 1, 4, 4 frames: one frame at a time (and row chunks inside) gives the whole-unit frames and
+    caches, for hosts that prepend the previous frame to a short slot and for hosts that do not.
+    ``row_chunks`` 0: the layer is called directly (only keep_cache_frames tops its slot up)."""
+    torch.manual_seed(0)
+    blocks = nn.ModuleList([HostCausalBlock(prepend=prepend), HostCausalBlock(prepend=prepend)]).eval()
+    units = [torch.randn(1, 4, t, 11, 7) for t in (1, 4, 4)]
+    ref_cache, got_cache = [None, None], [None, None]
+
+    def whole(x, cache):
+        idx = [0]
+        for b in blocks:
+            x = b(x, cache, idx)
+        return x
+
+    def per_frame(frames):
+        idx = [0]
+        for b in blocks:
+            start = idx[0]
+            replaced = got_cache[start:start + 1]
+            if row_chunks == 0:
+                frames = b(frames, got_cache, idx)
+                ds.keep_cache_frames(replaced, got_cache, start)
+                continue
+
+            def fn(xr, local, b=b):
+                i = [0]
+                return b(xr, local, i), i[0]
+
+            sub = got_cache[start:start + 1]
+            frames, used = ds.row_chunked_call(fn, frames, sub, halo=1, chunks=row_chunks)
+            got_cache[start:start + used] = sub[:used]
+            idx[0] += used
+            ds.keep_cache_frames(replaced, got_cache, start)
+        return frames
+
+    with torch.no_grad():
+        for x in units:
+            ref = whole(x, ref_cache)
+            got = ds.frame_chunked_call(per_frame, x)
+            assert got.shape == ref.shape
+            assert torch.allclose(got, ref, atol=1e-5, rtol=0), (got - ref).abs().max()
+            for a, b in zip(got_cache, ref_cache):
+                assert torch.allclose(a[:, :, -b.shape[2]:], b, atol=1e-5, rtol=0)
+
+
+def test_frame_chunked_call_without_topping_up_is_wrong_on_newer_hosts():
+    """Without keep_cache_frames a host that keeps only the latest frame loses history (the test is not vacuous)."""
+    torch.manual_seed(0)
+    block = HostCausalBlock(prepend=False).eval()
+    first, second = torch.randn(1, 4, 1, 6, 5), torch.randn(1, 4, 4, 6, 5)
+    ref_cache, got_cache = [None], [None]
+    with torch.no_grad():
+        block(first, ref_cache, [0])
+        block(first, got_cache, [0])
+        ref = block(second, ref_cache, [0])
+        got = ds.frame_chunked_call(lambda f: block(f, got_cache, [0]), second)
+    assert (got - ref).abs().max() > 1e-3
+
+
+def test_row_chunked_call_rewrites_cache_slots_in_place():
+    """Once a slot has its steady shape, later calls write into the same tensor (no second copy per slot)."""
+    torch.manual_seed(0)
+    block = HostCausalBlock().eval()
+    cache = [None]
+
+    def fn(xr, local):
+        i = [0]
+        return block(xr, local, i), i[0]
+
+    with torch.no_grad():
+        ds.row_chunked_call(fn, torch.randn(1, 4, 2, 12, 5), cache, 1, 3)
+        slot = cache[0]
+        ref_cache = [slot.clone()]
+        x = torch.randn(1, 4, 2, 12, 5)
+        got, _ = ds.row_chunked_call(fn, x, cache, 1, 3)
+        ref = block(x, ref_cache, [0])
+    assert cache[0] is slot
+    assert torch.allclose(got, ref, atol=1e-5, rtol=0) and torch.allclose(cache[0], ref_cache[0], atol=1e-5, rtol=0)
