@@ -342,13 +342,18 @@ def common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, 
 def wan_decode_unit_scheme(decoder: Any) -> str:
     """How the host's Wan ``WanVAE.decode`` feeds its decoder: ``"single"`` or ``"pairs"``.
 
-    0.3.x calls ``Decoder3d`` once per latent frame; newer hosts split each
-    temporal upsample's output in ``Decoder3d.run_up`` and feed the first
-    latent frame alone, then pairs. The causal cache only reproduces the
-    host's numbers when units match, so detect the chunked decoder by
-    ``run_up``.
+    0.3.x calls ``Decoder3d`` once per latent frame; newer hosts feed the first
+    latent frame alone, then pairs, and split each temporal upsample's output
+    frame by frame inside ``Decoder3d`` (a ``run_up`` method, or nested
+    ``run_up``/``run_upsamples`` helpers in ``forward``). The causal cache
+    reproduces the host's numbers most closely when the units match, so detect
+    that splitting decoder by those names.
     """
-    return "pairs" if callable(getattr(decoder, "run_up", None)) else "single"
+    if callable(getattr(decoder, "run_up", None)):
+        return "pairs"
+    code = getattr(getattr(type(decoder), "forward", None), "__code__", None)
+    nested = {getattr(c, "co_name", None) for c in (code.co_consts if code is not None else ())}
+    return "pairs" if nested & {"run_up", "run_upsamples"} else "single"
 
 
 def vae_has_chunked_io(first_stage_model: Any) -> bool:

@@ -19,11 +19,11 @@ log = logging.getLogger("LightCache")
 DESCRIPTION = (
     "Decodes latents like VAE Decode, in time slices, so memory no longer grows with the clip length. "
     "Wan 2.1/2.2 video VAEs: the causal feature cache is carried from slice to slice, so the frames equal VAE "
-    "Decode's (no seams, no blending, unlike VAE Decode (Tiled)); each slice is moved into the output at once, and "
-    "the full-resolution layers run in row chunks with an exact halo, which takes the peak below one latent "
-    "frame's. SD-style image VAEs: frame slices, exact. SVD's temporal decoder: frame chunks with the time "
-    "context limited to each chunk, as ComfyUI's own batched decode does (equal to VAE Decode only when it decodes "
-    "the same chunks). Other VAEs: ComfyUI's VAE.decode, with a log line."
+    "Decode's (no seams, no blending, unlike VAE Decode (Tiled)); each slice is moved into the output at once; the "
+    "full-resolution layers run one frame at a time and in row chunks with an exact halo, which takes the peak "
+    "below one latent frame's. SD-style image VAEs: frame slices, exact. SVD's temporal decoder: frame chunks with "
+    "the time context limited to each chunk, as ComfyUI's own batched decode does (equal to VAE Decode only when it "
+    "decodes the same chunks). Other VAEs: ComfyUI's VAE.decode, with a log line."
 )
 
 
@@ -46,9 +46,10 @@ class SlicedVAEDecode(io.ComfyNode):
                                      "across slices, so any value gives the same frames. For SVD the value limits "
                                      "the decoder's time context (see the node description)."),
                 io.Int.Input("row_chunks", default=0, min=0, max=256, step=1,
-                             tooltip="Wan only: split each full-resolution layer into this many row chunks (with "
-                                     "an exact halo; same result). 0 = auto: split a layer only when its working set "
-                                     "would not fit the memory budget; 1 = whole frames.",
+                             tooltip="Wan only: split each large layer into this many row chunks (with an exact "
+                                     "halo; same result). 0 = auto: on CPU, split every large layer (costs no time "
+                                     "there); on a GPU, split only what would not fit the memory budget. "
+                                     "1 = whole frames.",
                              **compat.input_flags(advanced=True)),
                 io.Int.Input("budget_mb", default=0, min=0, max=1 << 20, step=64,
                              tooltip="Working memory (MiB) one slice or row chunk may use. 0 = auto: half of the "

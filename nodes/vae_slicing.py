@@ -33,18 +33,26 @@ from . import compat
 
 log = logging.getLogger("LightCache")
 
-ROW_COST_FACTOR = 8  # a residual block's working set is about 8x its input (measured on CPU and CUDA)
+# A residual block's working set per byte of input. CPU: PyTorch's native 3-D convolution unfolds its input
+# (im2col: 27x for a 3x3x3 kernel) before a matrix product (measured). CUDA: an estimate for the block's
+# activations and cuDNN workspace (not measured: no GPU was available to us).
+ROW_COST_FACTOR = {"cuda": 8, "cpu": 32}
+# On CPU, row chunks cost no time (the unfolded chunks stay in cache: measured faster than whole frames), so
+# auto splits any layer whose working set exceeds this; elsewhere it splits only what the budget needs.
+LEAN_CHUNK_BYTES = 2 * 2**20
 
 
 @dataclass
 class DecodeOptions:
     """frames_per_slice: 0 = auto. row_chunks: 0 = auto, 1 = whole frames, N = largest layers split N ways.
-    budget_bytes: 0 = from free memory. tile_fallback: spatial tiles on out-of-memory."""
+    budget_bytes: 0 = from free memory. tile_fallback: spatial tiles on out-of-memory.
+    frame_split: Wan: run the layers after the last temporal upsample one frame at a time (exact)."""
 
     frames_per_slice: int = 0
     row_chunks: int = 0
     budget_bytes: int = 0
     tile_fallback: bool = True
+    frame_split: bool = True  # Wan: run the tail one frame at a time (exact; off only to compare)
 
 
 @dataclass
@@ -167,30 +175,79 @@ class _RowChunked(nn.Module):
         return y
 
 
+def _frame_local(layer: nn.Module) -> bool:
+    """True for layers that keep the frame count and mix frames only through causal convolutions
+    with a ``CACHE_T``-frame cache: the Wan residual blocks, spatial-only resamplers, and Wan 2.2
+    stages made of those."""
+    name = type(layer).__name__
+    if name == "ResidualBlock":
+        return True
+    if name == "Up_ResidualBlock":  # Wan 2.2: frame-local unless its shortcut or resampler adds frames
+        shortcut = getattr(layer, "avg_shortcut", None)
+        return ((shortcut is None or getattr(shortcut, "factor_t", 2) == 1)
+                and all(_frame_local(m) for m in getattr(layer, "upsamples", [None])))
+    return name == "Resample" and getattr(layer, "mode", "") in ("upsample2d", "none")
+
+
+class _FrameByFrame(nn.Module):
+    """Runs the decoder tail ``(x, feat_cache, feat_idx)`` one frame at a time, each frame through every
+    layer, with the causal cache carried between frames (``decode_slicing.frame_chunked_call``)."""
+
+    def __init__(self, layers: list, conv_type: type) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.slots = [sum(1 for m in layer.modules() if isinstance(m, conv_type)) for layer in layers]
+
+    def forward(self, x, feat_cache=None, feat_idx=[0], *args, **kwargs):  # noqa: B006 (host signature)
+        if feat_cache is None:
+            for layer in self.layers:
+                x = layer(x)
+            return x
+        base = feat_idx[0]
+        end = [base]
+
+        def run(frames):
+            idx = [base]
+            for layer, slots in zip(self.layers, self.slots):
+                start = idx[0]
+                replaced = feat_cache[start:start + slots]  # one layer's slots: bounded extra memory
+                frames = layer(frames, feat_cache, idx, *args, **kwargs)
+                ds.keep_cache_frames(replaced, feat_cache, start)
+                del replaced
+            end[0] = idx[0]
+            return frames
+
+        y = ds.frame_chunked_call(run, x)
+        feat_idx[0] = end[0]
+        return y
+
+
 class _RowPlanner:
     """Chooses row chunks per layer from a byte budget (or a fixed count for the largest layers)."""
 
-    def __init__(self, budget_bytes: int, fixed_chunks: int = 0) -> None:
+    def __init__(self, budget_bytes: int, fixed_chunks: int = 0, lean: bool = False) -> None:
         self.budget = budget_bytes
         self.fixed = fixed_chunks
+        self.lean = lean
         self.largest = 0
         self.max_chunks = 1
 
     def chunks(self, x: torch.Tensor, halo: int) -> int:
         rows = x.shape[-2]
-        cost = x.numel() * x.element_size() * ROW_COST_FACTOR
+        cost = x.numel() * x.element_size() * ROW_COST_FACTOR.get(x.device.type, ROW_COST_FACTOR["cuda"])
         self.largest = max(self.largest, cost)
         if self.fixed:
             if self.fixed <= 1:
                 return 1
             budget = self.largest / self.fixed
         else:
-            # auto: split a layer only when its working set does not fit the free-memory budget. Splitting
-            # when memory is plentiful costs time and, on CPU, raises peak RSS through allocator retention
-            # (measured: 1.60x VAEDecode's peak with 4 forced row chunks vs 0.81x without).
-            if self.budget <= 0 or cost <= self.budget:
-                return 1
+            # auto: split a layer when its working set does not fit the free-memory budget, and on CPU
+            # (lean) whenever it exceeds LEAN_CHUNK_BYTES.
             budget = self.budget
+            if self.lean:
+                budget = min(budget, LEAN_CHUNK_BYTES) if budget > 0 else LEAN_CHUNK_BYTES
+            if budget <= 0 or cost <= budget:
+                return 1
         return ds.chunks_for_budget(cost, budget, rows, halo, min_rows=max(8, 4 * halo))
 
     def record(self, chunks: int) -> None:
@@ -217,36 +274,51 @@ class WanCausalDecoder:
         return [None] * self.count(self.decoder)
 
     @contextlib.contextmanager
-    def row_chunking(self, planner: _RowPlanner | None):
-        """Swap the decoder's upsample stack and head for row-chunked wrappers for the duration."""
-        if planner is None:
-            yield False
-            return
-        wrapped = []
-        changed = 0
-        for layer in self.decoder.upsamples:
-            halo = ds.conv_halo(layer)
-            keep = (self.scheme == "pairs" and getattr(layer, "mode", None) == "upsample3d")  # run_up splits after it
-            if keep or halo is None or not _spatially_local(layer):
-                wrapped.append(layer)
-                continue
-            slots = sum(1 for m in layer.modules() if isinstance(m, self.conv_type))
-            wrapped.append(_RowChunked(layer, halo, slots, planner))
-            changed += 1
+    def lean_layers(self, planner: "_RowPlanner | None", frame_split: bool = True):
+        """Swap the decoder's upsample stack and head for lean wrappers for the duration.
+
+        * The tail (every layer after the last temporal upsample, and the head)
+          runs one output frame at a time with its causal cache carried
+          (``frame_split``): 1/4 of the working set at the largest layers, exact.
+        * With a ``planner``, each spatially local layer also runs in row chunks
+          with an exact halo.
+        Yields what was changed: ``{"frame_split": bool, "row_chunks": bool}``.
+        """
+        layers = list(self.decoder.upsamples)
         head = _HeadLayer(self.decoder.head, self.conv_type)
-        head_halo = ds.conv_halo(head)
-        if head_halo is None or not _spatially_local(head):
-            yield False
+        if ds.conv_halo(head) is None or not _spatially_local(head):
+            yield {"frame_split": False, "row_chunks": False}
             return
-        slots = sum(1 for m in head.modules() if isinstance(m, self.conv_type))
-        wrapped.append(_RowChunked(head, head_halo, slots, planner))
+        tail_start = len(layers)
+        while frame_split and tail_start > 0 and _frame_local(layers[tail_start - 1]):
+            tail_start -= 1
+        wrapped = [self._row_chunked(layer, planner) for layer in layers]
+        head_wrapped = self._row_chunked(head, planner)
+        if frame_split:
+            stack = wrapped[:tail_start] + [_FrameByFrame(wrapped[tail_start:] + [head_wrapped], self.conv_type)]
+        else:
+            stack = wrapped + [head_wrapped]
         original = (self.decoder._modules["upsamples"], self.decoder._modules["head"])
-        self.decoder._modules["upsamples"] = nn.Sequential(*wrapped)
+        self.decoder._modules["upsamples"] = nn.Sequential(*stack)
         self.decoder._modules["head"] = nn.Sequential()
         try:
-            yield True
+            yield {"frame_split": frame_split, "row_chunks": planner is not None and any(
+                isinstance(m, _RowChunked) for m in self.decoder.upsamples.modules())}
         finally:
             self.decoder._modules["upsamples"], self.decoder._modules["head"] = original
+
+    def _row_chunked(self, layer: nn.Module, planner: "_RowPlanner | None") -> nn.Module:
+        """``layer`` wrapped to run in row chunks, or ``layer`` itself where that is not shown exact."""
+        if planner is None:
+            return layer
+        # Newer hosts split frames at their temporal upsamples by type; keep those modules as they are.
+        if self.scheme == "pairs" and getattr(layer, "mode", None) == "upsample3d":
+            return layer
+        halo = ds.conv_halo(layer)
+        if halo is None or not _spatially_local(layer):
+            return layer
+        slots = sum(1 for m in layer.modules() if isinstance(m, self.conv_type))
+        return _RowChunked(layer, halo, slots, planner)
 
     def decode_unit(self, z_unit: torch.Tensor, feat_map: list, first: bool) -> torch.Tensor:
         """One decoder call: ``[b, z, t, h, w]`` latent unit -> ``[b, 3, frames, H, W]`` pixels."""
@@ -356,7 +428,8 @@ def _decode_wan(vae, samples: torch.Tensor, options: DecodeOptions) -> DecodeRes
         per_slice = ds.frames_per_slice_for_budget(t, per_frame_out, budget // 4)
     planner = None
     if options.row_chunks != 1:
-        planner = _RowPlanner(budget if options.row_chunks == 0 else 0, options.row_chunks)
+        planner = _RowPlanner(budget if options.row_chunks == 0 else 0, options.row_chunks,
+                              lean=torch.device(vae.device).type == "cpu")
     # Videos per decoder call: ComfyUI's own rule (free memory // its estimate), so a batch is decoded in the
     # same groups as VAEDecode decodes it.
     est = vae.memory_used_decode(samples.shape, vae.vae_dtype)
@@ -368,7 +441,10 @@ def _decode_wan(vae, samples: torch.Tensor, options: DecodeOptions) -> DecodeRes
     pbar = compat.progress_bar(math.ceil(b / videos) * len(units))
     device = vae.device
     same_device = torch.device(device) == torch.device(vae.output_device)
-    with runner.row_chunking(planner) as chunked:
+    with runner.lean_layers(planner, options.frame_split) as lean:
+        chunked = lean["row_chunks"]
+        if lean["frame_split"]:
+            notes.append("tail layers one frame at a time (causal cache carried)")
         if planner is not None and not chunked:
             notes.append("decoder structure not recognised: whole-frame layers (no row chunks)")
             log.info("[LightCache] Sliced VAE Decode: Wan decoder structure differs; decoding whole frames per unit")

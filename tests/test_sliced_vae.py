@@ -105,6 +105,65 @@ def test_row_chunks_really_split(wan_vae, monkeypatch):
     assert all(h >= 1 for _, _, h in seen)
 
 
+def test_tail_runs_frame_by_frame_and_stays_exact(wan_vae, monkeypatch):
+    """The layers after the last temporal upsample run one frame at a time (the causal cache carried), and
+    the frames still equal VAEDecode's, as they do with the split off."""
+    vs = _slicing()
+    seen = []
+    original = vs.ds.frame_chunked_call
+
+    def spy(fn, x, frames_per_call=1):
+        seen.append(x.shape[2])
+        return original(fn, x, frames_per_call)
+
+    monkeypatch.setattr(vs.ds, "frame_chunked_call", spy)
+    z = _latent((1, 16, 3, 5, 6), seed=11)
+    ref = _reference(wan_vae, z, ("wan-tail", 3))
+    split = vs.decode(wan_vae, z, vs.DecodeOptions(frames_per_slice=2))
+    assert seen == [1, 4, 4]  # the first latent frame decodes to one frame, the others to four
+    assert any("one frame at a time" in n for n in split.notes)
+    whole = vs.decode(wan_vae, z, vs.DecodeOptions(frames_per_slice=2, frame_split=False))
+    assert (split.images - ref).abs().max().item() <= 1e-5
+    assert (whole.images - ref).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("row_chunks", [1, 3])
+def test_wan22_decoder_equals_host_decode(comfy_host, row_chunks):
+    """Wan 2.2's decoder (Up_ResidualBlock stages, DupUp3D shortcuts, first_chunk, unpatchify), built from the
+    host's own class at a tiny width with seeded weights: unit-by-unit decoding with the cache carried, the
+    tail frame by frame and row chunks gives the host's ``WanVAE.decode`` frames. (VAELoader only builds the
+    full-width Wan 2.2 VAE, so this test calls the model directly.)"""
+    from comfy.ldm.wan.vae2_2 import WanVAE
+
+    from harness import fixtures
+
+    vs = _slicing()
+    model = fixtures.seeded_init_(WanVAE(dim=8, dec_dim=16, z_dim=8), seed=22, std=0.1).eval()
+    runner = vs.WanCausalDecoder(model)
+    z = _latent((1, 8, 3, 4, 5), seed=13)
+    planner = vs._RowPlanner(0, row_chunks) if row_chunks > 1 else None
+    with torch.inference_mode():
+        ref = model.decode(z)
+        cache = runner.new_cache()
+        with runner.lean_layers(planner) as lean:
+            got = torch.cat([runner.decode_unit(z[:, :, u0:u1], cache, first=(u0 == 0))
+                             for u0, u1 in vs.ds.unit_ranges(3, runner.scheme)], 2)
+    assert lean["frame_split"] and (lean["row_chunks"] or row_chunks == 1)
+    assert got.shape == ref.shape
+    assert (got - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
+
+
+def test_auto_splits_rows_on_cpu(wan_vae):
+    """At its defaults on CPU the full-resolution layers run in row chunks (lean policy), exactly."""
+    vs = _slicing()
+    z = _latent((1, 16, 2, 12, 8), seed=12)
+    ref = _reference(wan_vae, z, ("wan-auto", 2))
+    result = vs.decode(wan_vae, z, vs.DecodeOptions())
+    note = next(n for n in result.notes if n.startswith("row chunks"))
+    assert int(note.split("up to ")[1].split()[0]) > 1
+    assert (result.images - ref).abs().max().item() <= 1e-5
+
+
 @pytest.mark.parametrize("per_slice", [1, 2, 5])
 def test_sd_vae_frame_slices_equal(sd_vae, per_slice):
     z = _latent((5, 4, 5, 7), seed=7)
