@@ -47,6 +47,7 @@ class BenchCase:
     baseline: str | None = None  # case name in the same group; None = this is the baseline
     compare_key: str | None = None
     timeout_s: float = 900.0
+    env: dict = field(default_factory=dict)  # extra environment for the child process (e.g. allocator settings)
 
 
 @dataclass
@@ -169,7 +170,7 @@ def run_all(only: list[str] | None = None) -> dict:
         print(f"[bench] {case.group:>14} | {case.name} ...", flush=True)
         start = time.perf_counter()
         proc = subprocess.run([sys.executable, str(Path(__file__).with_name("run.py")), "--child", module_name, case.name, str(scratch)],
-                              capture_output=True, text=True, timeout=case.timeout_s)
+                              capture_output=True, text=True, timeout=case.timeout_s, env={**os.environ, **case.env})
         entry: dict = {"group": case.group, "baseline": case.baseline, "params": case.params, "process_seconds": time.perf_counter() - start}
         if proc.returncode != 0:
             entry["error"] = (proc.stderr or proc.stdout)[-3000:]
@@ -201,6 +202,10 @@ def run_all(only: list[str] | None = None) -> dict:
         payload["cases"] = previous.get("cases", results)
     out_path.write_text(json.dumps(payload, indent=2, default=float))
     print_tables(results)
+    for module_name in dict.fromkeys(m for m, _ in cases):  # each area's own summary / acceptance lines
+        summarize = getattr(importlib.import_module(f"bench.{module_name}"), "summarize", None)
+        if callable(summarize):
+            print(f"\n== {module_name} summary ==\n{summarize(payload)}")
     print(f"\n[bench] results written to {out_path}")
     return payload
 
