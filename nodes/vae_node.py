@@ -21,9 +21,9 @@ DESCRIPTION = (
     "Wan 2.1/2.2 video VAEs: the causal feature cache is carried from slice to slice, so the frames equal VAE "
     "Decode's (no seams, no blending, unlike VAE Decode (Tiled)); each slice is moved into the output at once; the "
     "full-resolution layers run one frame at a time and in row chunks with an exact halo, which takes the peak "
-    "below one latent frame's. SD-style image VAEs: frame slices, exact. SVD's temporal decoder: frame chunks with "
-    "the time context limited to each chunk, as ComfyUI's own batched decode does (equal to VAE Decode only when it "
-    "decodes the same chunks). Other VAEs: ComfyUI's VAE.decode, with a log line."
+    "below one latent frame's. SD-style image VAEs: frame slices, exact. SVD's temporal decoder: its time context is the "
+    "chunk it decodes, so auto takes the chunks VAE Decode takes (same frames); a smaller frames_per_slice saves "
+    "memory but changes the frames. Other VAEs: ComfyUI's VAE.decode, with a log line."
 )
 
 
@@ -43,8 +43,10 @@ class SlicedVAEDecode(io.ComfyNode):
                 io.Int.Input("frames_per_slice", default=0, min=0, max=4096, step=1,
                              tooltip="Latent frames (video) or images decoded per slice. 0 = auto: as many as fit "
                                      "the memory budget (free memory, or budget_mb). The Wan causal cache is carried "
-                                     "across slices, so any value gives the same frames. For SVD the value limits "
-                                     "the decoder's time context (see the node description)."),
+                                     "across slices, so any value gives the same frames. SVD: auto takes the chunk "
+                                     "VAE Decode takes (same frames); a smaller value limits the decoder's time "
+                                     "context and changes the frames (measured: 7 of 14 frames per slice, PSNR "
+                                     "29.5 dB against VAE Decode; see the README)."),
                 io.Int.Input("row_chunks", default=0, min=0, max=256, step=1,
                              tooltip="Wan only: split each large layer into this many row chunks (with an exact "
                                      "halo; same result). 0 = auto: on CPU, split every large layer (costs no time "

@@ -490,6 +490,11 @@ def _decode_frames(vae, samples: torch.Tensor, options: DecodeOptions, family: s
     per_frame = vae.memory_used_decode((1,) + tuple(samples.shape[1:]), vae.vae_dtype)
     if options.frames_per_slice > 0:
         per_slice = min(n, int(options.frames_per_slice))
+    elif family == "svd" and options.budget_bytes <= 0:
+        # SVD's time context is the chunk: auto takes the chunk VAE.decode would take (free memory // its
+        # per-frame estimate), so the frames stay VAE Decode's; only an explicit setting trades quality.
+        free = compat.free_memory_bytes(vae.device, vae.patcher)
+        per_slice = max(1, min(n, int(free // max(per_frame, 1))))
     else:
         per_slice = ds.frames_per_slice_for_budget(n, per_frame, budget)
     _load(vae, samples, (per_slice,) + tuple(samples.shape[1:]))

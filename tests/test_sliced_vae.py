@@ -230,6 +230,31 @@ def test_other_vae_falls_back_with_log(wan_vae, caplog):
     assert "fallback" in result.path and any("no slicing strategy" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.slow
+def test_svd_auto_equals_vaedecode_and_smaller_slices_deviate(comfy_host, models_dir):
+    """SVD's VideoDecoder mixes frames within the chunk it decodes. Auto takes VAE Decode's chunk (exact);
+    a smaller explicit slice changes the frames, and the report says so. The SVD VAE has no width to detect,
+    so the fixture is the full-size temporal decoder (fp16, random weights), made on demand."""
+    import nodes
+    from harness import corelink  # noqa: F401
+    from harness import fixtures
+    from lightcache_core.metrics import psnr
+
+    fixtures.ensure_fixtures(models_dir, (fixtures.SVD_VAE,))
+    vae = nodes.VAELoader().load_vae(fixtures.SVD_VAE.name)[0]
+    vs = _slicing()
+    z = _latent((14, 4, 8, 8), seed=14)
+    assert vs.family_of(vae, z) == "svd"
+    with torch.inference_mode():
+        ref = nodes.VAEDecode().decode(vae, {"samples": z})[0]
+    auto = vs.decode(vae, z, vs.DecodeOptions())
+    assert auto.frames_per_slice == 14 and (auto.images - ref).abs().max().item() <= 1e-5
+    half = vs.decode(vae, z, vs.DecodeOptions(frames_per_slice=7))
+    assert (half.images - ref).abs().max().item() > 1e-3
+    assert 15.0 < psnr(half.images, ref) < 60.0
+    assert any("time context limited to 7-frame chunks" in n for n in half.notes)
+
+
 _MEMORY_CHILD = textwrap.dedent("""
     import json, sys, gc
     sys.path.insert(0, {tests!r})

@@ -52,6 +52,7 @@ SD15_UNET = Fixture("diffusion_models", "tiny_sd15_unet.safetensors", "SD15")
 SVD_UNET = Fixture("diffusion_models", "tiny_svd_unet.safetensors", "SVD_img2vid")
 WAN_VAE = Fixture("vae", "tiny_wan21_vae.safetensors", "WanVAE")
 SD_VAE = Fixture("vae", "sd_vae_random_fp16.safetensors", "AutoencoderKL")
+SVD_VAE = Fixture("vae", "svd_vae_random_fp16.safetensors", "VideoDecoder")  # on demand: not in DEFAULT_SET
 TRAINED_WAN_LINK = Fixture("diffusion_models", "tiny_wan_t2v_trained.safetensors", "WAN21_T2V")
 TRAINED_SD15_LINK = Fixture("diffusion_models", "tiny_sd15_unet_trained.safetensors", "SD15")
 
@@ -168,6 +169,20 @@ def build_sd_vae() -> torch.nn.Module:
     return AutoencoderKL(ddconfig=ddconfig, embed_dim=4)
 
 
+def build_svd_vae() -> torch.nn.Module:
+    """ComfyUI's SVD VAE: the SD encoder and the temporal ``VideoDecoder``, as ``comfy.sd.VAE`` builds it when
+    the weights hold ``decoder.mid.block_1.mix_factor`` (no width to detect either: full size, fp16)."""
+    from comfy.ldm.models.autoencoder import AutoencodingEngine
+
+    config = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+              "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+    decoder = {**config, "video_kernel_size": [3, 1, 1], "alpha": 0.0}
+    return AutoencodingEngine(
+        regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
+        encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder", "params": config},
+        decoder_config={"target": "comfy.ldm.modules.temporal_ae.VideoDecoder", "params": decoder})
+
+
 _BUILDERS = {
     WAN_T2V: (lambda: build_wan21("t2v"), 101, torch.float32),
     WAN_T2V_LARGE: (lambda: build_wan21("t2v", dim=256, num_layers=2, ffn_dim=768), 102, torch.float32),
@@ -177,6 +192,7 @@ _BUILDERS = {
     SVD_UNET: (lambda: build_unet("SVD_img2vid"), 106, torch.float32),
     WAN_VAE: (build_wan_vae, 107, torch.float32),
     SD_VAE: (build_sd_vae, 108, torch.float16),
+    SVD_VAE: (build_svd_vae, 109, torch.float16),
 }
 
 DEFAULT_SET = (WAN_T2V, WAN_I2V, HUNYUAN, SD15_UNET, SVD_UNET, WAN_VAE, SD_VAE)
