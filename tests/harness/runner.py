@@ -264,8 +264,16 @@ class ServerRunner:
                     elif event == "execution_success":
                         clock.on_executing(None)
                         break
-            async with session.get(f"{self.url}/history/{prompt_id}") as resp:
-                history = (await resp.json()).get(prompt_id, {})
+            # The server sends "execution_success" from inside the executor and files the history entry only
+            # after it returns, so poll until the entry is there.
+            history: dict = {}
+            history_deadline = time.time() + 60
+            while True:
+                async with session.get(f"{self.url}/history/{prompt_id}") as resp:
+                    history = (await resp.json()).get(prompt_id, {})
+                if history or time.time() > history_deadline:
+                    break
+                await asyncio.sleep(0.1)
         result = RunResult(prompt_id, {}, history.get("outputs", {}), clock.seconds, messages, error)
         if raise_on_error and error is not None:
             raise PromptFailed(error)
