@@ -356,6 +356,35 @@ def wan_decode_unit_scheme(decoder: Any) -> str:
     return "pairs" if nested & {"run_up", "run_upsamples"} else "single"
 
 
+def cpu_conv_unfolds(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
+    """Whether PyTorch runs a causal "same" 3-D convolution of ``x`` ``[b, c, t, rows, w]`` on CPU by
+    unfolding it (im2col: about 27x its input, then a matrix product) rather than with oneDNN (no copy).
+
+    The convolution sees ``x`` padded: ``kt - 1`` cached or zero frames in front and ``k // 2`` rows and
+    columns each side. Asks torch's own backend choice where it exposes one
+    (``torch._C._select_conv_backend``, with a zero-stride probe of that shape and the layer's first 3-D
+    ``weight``); otherwise ATen's rule for float32: oneDNN when the batch is above 1 or channels x frames x
+    rows exceeds 20480.
+    """
+    if x.device.type != "cpu":
+        return False
+    kt, kh, kw = (weight.shape[2:] if weight is not None and weight.dim() == 5 else (3, 3, 3))
+    shape = (x.shape[0], x.shape[1], x.shape[2] + kt - 1, x.shape[3] + kh - 1, x.shape[4] + kw - 1)
+    select = getattr(torch._C, "_select_conv_backend", None)
+    if select is not None and weight is not None and weight.dim() == 5 and weight.shape[1] == x.shape[1]:
+        probe = x.new_zeros(1).expand(shape)
+        try:
+            backend = select(probe, weight, None, [1, 1, 1], [0, 0, 0], [1, 1, 1], False, [0, 0, 0], 1, None)
+            return "Slow" in str(backend)
+        except (RuntimeError, TypeError):
+            pass
+    if x.dtype != torch.float32:
+        return False
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return True
+    return shape[0] == 1 and shape[1] * shape[2] * shape[3] <= 20480
+
+
 def vae_has_chunked_io(first_stage_model: Any) -> bool:
     """True if the VAE offers newer ComfyUI's chunked-IO protocol (``comfy_has_chunked_io`` +
     ``decode_output_shape``); the host's ``VAE.decode`` then streams into a preallocated output itself."""

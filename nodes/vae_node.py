@@ -49,9 +49,9 @@ class SlicedVAEDecode(io.ComfyNode):
                                      "29.5 dB against VAE Decode; see the README)."),
                 io.Int.Input("row_chunks", default=0, min=0, max=256, step=1,
                              tooltip="Wan only: split each large layer into this many row chunks (with an exact "
-                                     "halo; same result). 0 = auto: on CPU, split every large layer (costs no time "
-                                     "there); on a GPU, split only what would not fit the memory budget. "
-                                     "1 = whole frames.",
+                                     "halo; same result). 0 = auto: split what would not fit the memory budget, and "
+                                     "on CPU also every layer PyTorch convolves by unfolding it (smaller frames; "
+                                     "there chunks save memory and run faster). 1 = whole frames.",
                              **compat.input_flags(advanced=True)),
                 io.Int.Input("budget_mb", default=0, min=0, max=1 << 20, step=64,
                              tooltip="Working memory (MiB) one slice or row chunk may use. 0 = auto: half of the "

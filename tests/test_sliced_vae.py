@@ -127,6 +127,23 @@ def test_tail_runs_frame_by_frame_and_stays_exact(wan_vae, monkeypatch):
     assert (whole.images - ref).abs().max().item() <= 1e-5
 
 
+def test_cpu_lean_policy_splits_only_unfolding_layers(comfy_host):
+    """Auto on CPU splits a layer only where torch would unfold its convolution (small frames: the unfolded
+    copy is the peak, and chunks run faster); a layer big enough for oneDNN stays whole (chunks would send
+    it back to the slower unfolding path)."""
+    vs = _slicing()
+    compat = next(m for name, m in sys.modules.items() if name.endswith(".nodes.compat"))
+    weight = torch.zeros(16, 16, 3, 3, 3)
+    small = torch.zeros(1, 16, 1, 96, 160)
+    large = torch.zeros(1, 16, 1, 480, 832)
+    assert compat.cpu_conv_unfolds(small, weight)
+    assert vs._RowPlanner(0, 0, lean=True).chunks(small, 2, weight) > 1
+    if torch.backends.mkldnn.is_available():
+        assert not compat.cpu_conv_unfolds(large, weight)
+        assert vs._RowPlanner(0, 0, lean=True).chunks(large, 2, weight) == 1
+        assert vs._RowPlanner(16 * 2**20, 0, lean=True).chunks(large, 2, weight) > 1  # the budget still splits
+
+
 @pytest.mark.parametrize("row_chunks", [1, 3])
 def test_wan22_decoder_equals_host_decode(comfy_host, row_chunks):
     """Wan 2.2's decoder (Up_ResidualBlock stages, DupUp3D shortcuts, first_chunk, unpatchify), built from the
