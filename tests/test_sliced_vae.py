@@ -181,6 +181,50 @@ def test_auto_splits_rows_on_cpu(wan_vae):
     assert (result.images - ref).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("where", ["between units", "inside a layer"])
+def test_interrupt_leaves_the_decoder_as_it_was(wan_vae, monkeypatch, where):
+    """An interrupt (a BaseException in newer ComfyUI) between decoder calls or deep inside the row-chunked
+    frame tail leaves no wrapped modules behind; the next decode is VAE Decode's again."""
+    import comfy.model_management as mm
+
+    vs = _slicing()
+    decoder = wan_vae.first_stage_model.decoder
+    before = (decoder.upsamples, decoder.head, [type(m) for m in decoder.modules()])
+    z = _latent((1, 16, 3, 4, 4), seed=15)
+    if where == "between units":
+        calls = []
+
+        def interrupt():
+            calls.append(1)
+            if len(calls) == 2:
+                raise mm.InterruptProcessingException()
+
+        monkeypatch.setattr(vs.compat, "throw_if_interrupted", interrupt)
+        expected = mm.InterruptProcessingException
+    else:
+        head_conv = [m for m in decoder.head.modules() if isinstance(m, torch.nn.Conv3d)][-1]
+
+        class Stop(BaseException):
+            pass
+
+        def stop(module, args):
+            raise Stop()
+
+        handle = head_conv.register_forward_pre_hook(stop)
+        expected = Stop
+    try:
+        with pytest.raises(expected):
+            vs.decode(wan_vae, z, vs.DecodeOptions(frames_per_slice=1, row_chunks=3))
+    finally:
+        if where != "between units":
+            handle.remove()
+    assert decoder.upsamples is before[0] and decoder.head is before[1]
+    assert [type(m) for m in decoder.modules()] == before[2]
+    monkeypatch.undo()
+    ref = _reference(wan_vae, z, ("wan-interrupt", 3))
+    assert (vs.decode(wan_vae, z, vs.DecodeOptions(frames_per_slice=1)).images - ref).abs().max().item() <= 1e-5
+
+
 @pytest.mark.parametrize("per_slice", [1, 2, 5])
 def test_sd_vae_frame_slices_equal(sd_vae, per_slice):
     z = _latent((5, 4, 5, 7), seed=7)
