@@ -180,6 +180,12 @@ class _RowChunked(nn.Module):
         return y
 
 
+def _cache_slots(layer: nn.Module, conv_type: type) -> int:
+    """Causal-cache slots a host layer may use: one per causal conv inside (an upper bound: 1x1 shortcut
+    convs take none; callers read the exact count from how far the layer advanced ``feat_idx``)."""
+    return sum(1 for m in layer.modules() if isinstance(m, conv_type))
+
+
 def _frame_local(layer: nn.Module) -> bool:
     """True for layers that keep the frame count and mix frames only through causal convolutions
     with a ``CACHE_T``-frame cache: the Wan residual blocks, spatial-only resamplers, and Wan 2.2
@@ -201,7 +207,7 @@ class _FrameByFrame(nn.Module):
     def __init__(self, layers: list, conv_type: type) -> None:
         super().__init__()
         self.layers = nn.ModuleList(layers)
-        self.slots = [sum(1 for m in layer.modules() if isinstance(m, conv_type)) for layer in layers]
+        self.slots = [_cache_slots(layer, conv_type) for layer in layers]
 
     def forward(self, x, feat_cache=None, feat_idx=[0], *args, **kwargs):  # noqa: B006 (host signature)
         if feat_cache is None:
@@ -230,10 +236,9 @@ class _FrameByFrame(nn.Module):
 class _RowPlanner:
     """Chooses row chunks per layer from a byte budget (or a fixed count for the largest layers)."""
 
-    def __init__(self, budget_bytes: int, fixed_chunks: int = 0, lean: bool = False) -> None:
+    def __init__(self, budget_bytes: int, fixed_chunks: int = 0) -> None:
         self.budget = budget_bytes
         self.fixed = fixed_chunks
-        self.lean = lean
         self.largest = 0
         self.max_chunks = 1
 
@@ -249,9 +254,9 @@ class _RowPlanner:
             budget = self.largest / self.fixed
         else:
             # auto: split a layer when its working set does not fit the free-memory budget, and on CPU
-            # (lean) when torch would unfold it and it exceeds LEAN_CHUNK_BYTES.
+            # when torch would unfold it on CPU and it exceeds LEAN_CHUNK_BYTES.
             budget = self.budget
-            if self.lean and compat.cpu_conv_unfolds(x, weight):
+            if compat.cpu_conv_unfolds(x, weight):
                 budget = min(budget, LEAN_CHUNK_BYTES) if budget > 0 else LEAN_CHUNK_BYTES
             if budget <= 0 or cost <= budget:
                 return 1
@@ -324,7 +329,7 @@ class WanCausalDecoder:
         halo = ds.conv_halo(layer)
         if halo is None or not _spatially_local(layer):
             return layer
-        slots = sum(1 for m in layer.modules() if isinstance(m, self.conv_type))
+        slots = _cache_slots(layer, self.conv_type)
         return _RowChunked(layer, halo, slots, planner)
 
     def decode_unit(self, z_unit: torch.Tensor, feat_map: list, first: bool) -> torch.Tensor:
@@ -435,8 +440,7 @@ def _decode_wan(vae, samples: torch.Tensor, options: DecodeOptions) -> DecodeRes
         per_slice = ds.frames_per_slice_for_budget(t, per_frame_out, budget // 4)
     planner = None
     if options.row_chunks != 1:
-        planner = _RowPlanner(budget if options.row_chunks == 0 else 0, options.row_chunks,
-                              lean=torch.device(vae.device).type == "cpu")
+        planner = _RowPlanner(budget if options.row_chunks == 0 else 0, options.row_chunks)
     # Videos per decoder call: ComfyUI's own rule (free memory // its estimate), so a batch is decoded in the
     # same groups as VAEDecode decodes it.
     est = vae.memory_used_decode(samples.shape, vae.vae_dtype)

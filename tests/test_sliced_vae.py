@@ -137,11 +137,11 @@ def test_cpu_lean_policy_splits_only_unfolding_layers(comfy_host):
     small = torch.zeros(1, 16, 1, 96, 160)
     large = torch.zeros(1, 16, 1, 480, 832)
     assert compat.cpu_conv_unfolds(small, weight)
-    assert vs._RowPlanner(0, 0, lean=True).chunks(small, 2, weight) > 1
+    assert vs._RowPlanner(0, 0).chunks(small, 2, weight) > 1
     if torch.backends.mkldnn.is_available():
         assert not compat.cpu_conv_unfolds(large, weight)
-        assert vs._RowPlanner(0, 0, lean=True).chunks(large, 2, weight) == 1
-        assert vs._RowPlanner(16 * 2**20, 0, lean=True).chunks(large, 2, weight) > 1  # the budget still splits
+        assert vs._RowPlanner(0, 0).chunks(large, 2, weight) == 1
+        assert vs._RowPlanner(16 * 2**20, 0).chunks(large, 2, weight) > 1  # the budget still splits
 
 
 @pytest.mark.parametrize("row_chunks", [1, 3])
