@@ -38,7 +38,7 @@ class ChunkedModelPatch(io.ComfyNode):
         return io.Schema(
             node_id="ChunkedModelPatch",
             display_name="Chunked Model Patch",
-            category="LightCache",
+            category=compat.NODE_CATEGORY,
             description=DESCRIPTION,
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to patch (Wan, HunyuanVideo, SD1.5 UNet or SVD). "

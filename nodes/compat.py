@@ -72,6 +72,9 @@ def compute_device() -> torch.device:
     return model_management.get_torch_device()
 
 
+NODE_CATEGORY = "LightCache"  # the Add Node menu folder of every node of the pack
+
+
 def throw_if_interrupted() -> None:
     """Raise the host's interrupt exception if the user pressed Cancel."""
     model_management.throw_exception_if_processing_interrupted()

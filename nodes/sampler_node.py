@@ -14,7 +14,6 @@ from comfy_api.latest import io
 from . import compat
 from .dit_cache import CACHE_DEVICES, CacheConfig, LightCacheError, ReportSink, apply_lightcache
 
-CATEGORY = "LightCache"
 CACHE_MODES = ["mix", "step", "cfg", "block", "deepcache", "off"]
 DEFAULT_THRESHOLD = 0.3
 
@@ -98,7 +97,7 @@ class LightCacheModelPatch(io.ComfyNode):
         return io.Schema(
             node_id="LightCacheModelPatch",
             display_name="LightCache Model Patch",
-            category=CATEGORY,
+            category=compat.NODE_CATEGORY,
             description="Adds LightCache step/CFG/block caching to a video DiT (Wan 2.1/2.2, HunyuanVideo; step and "
                         "cfg for any model with a DIFFUSION_MODEL wrapper) for use with any sampler node, such as "
                         "SamplerCustomAdvanced. Cached residuals live in the LightCache store (GPU or CPU); every "
@@ -123,7 +122,7 @@ class LightCacheSampler(io.ComfyNode):
         return io.Schema(
             node_id="LightCacheSampler",
             display_name="LightCache Sampler",
-            category=CATEGORY,
+            category=compat.NODE_CATEGORY,
             description="KSampler with LightCache: a drop-in replacement (same inputs) that reuses work between "
                         "steps. The default 'mix' picks per step between whole-step reuse, CFG-branch reuse and "
                         "middle-block reuse within an error budget. Returns the latent and a report of what was "

@@ -35,7 +35,7 @@ class SlicedVAEDecode(io.ComfyNode):
         return io.Schema(
             node_id="SlicedVAEDecode",
             display_name="Sliced VAE Decode",
-            category="LightCache",
+            category=compat.NODE_CATEGORY,
             description=DESCRIPTION,
             inputs=[
                 io.Latent.Input("samples", tooltip="The latent to decode (image batch or video), as for VAE Decode."),
