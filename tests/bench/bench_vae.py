@@ -135,10 +135,43 @@ def run_time(params, ctx) -> dict:
             "time_ratio_vs_vaedecode": ratios, "note_medians": f"{note}  [median of {params['repeats']}]"}
 
 
+SVD_PARAMS = {"frames": 14, "latent_size": 8, "slices": [7, 4, 1], "seed": 14}
+
+
+def run_svd_slices(params, ctx) -> dict:
+    """SVD's temporal decoder mixes the frames of the chunk it decodes: how far slices smaller than VAE
+    Decode's chunk move the frames (full-size random-weight SVD VAE fixture; auto is exact)."""
+    import torch
+
+    import nodes
+    from harness import fixtures
+    from lightcache_core.metrics import psnr
+
+    if THREADS > 0 and not torch.cuda.is_available():
+        torch.set_num_threads(THREADS)
+    fixtures.ensure_fixtures(ctx.models_dir, (fixtures.SVD_VAE,))
+    vae = nodes.VAELoader().load_vae(fixtures.SVD_VAE.name)[0]
+    sliced = next(m for n, m in sys.modules.items() if n.endswith(".nodes.vae_node")).SlicedVAEDecode
+    size = params["latent_size"]
+    latent = {"samples": torch.randn(params["frames"], 4, size, size,
+                                     generator=torch.Generator().manual_seed(params["seed"]))}
+    with torch.inference_mode():
+        ref = nodes.VAEDecode().decode(vae, latent)[0]
+        rows = {}
+        for per_slice in [0] + params["slices"]:
+            images = sliced.execute(latent, vae, frames_per_slice=per_slice).result[0]
+            rows[per_slice] = {"psnr": psnr(images, ref), "max_abs": float((images - ref).abs().max())}
+    frames = params["frames"]
+    labels = {k: "auto" if k == 0 else f"{k} of {frames} frames" for k in rows}
+    note = "  ".join(f"{labels[k]}: PSNR {v['psnr']:.1f} dB, max|diff| {v['max_abs']:.2f}" for k, v in rows.items())
+    return {"svd_slices": rows, "note_svd": note}
+
+
 CASES = [BenchCase(f"vae/{NODES[0]}", GROUP, run_memory, {**PARAMS, "node": NODES[0]}, env=MEMORY_ENV)]
 CASES += [BenchCase(f"vae/{n}", GROUP, run_memory, {**PARAMS, "node": n}, baseline=f"vae/{NODES[0]}",
                     compare_key="images", env=MEMORY_ENV) for n in NODES[1:]]
 CASES += [BenchCase("vae/time", "vae_decode_time", run_time, {**PARAMS, "repeats": REPEATS}, timeout_s=3600.0)]
+CASES += [BenchCase("vae/svd-slices", "vae_svd", run_svd_slices, SVD_PARAMS)]
 
 
 def summarize(results: dict) -> str:
