@@ -1,12 +1,16 @@
-"""CacheStore on CUDA: async offload accounting, peak memory, prefetch overlap.
+"""CacheStore on CUDA: async offload accounting, peak memory, reserved memory, prefetch overlap,
+reuse-aware placement and pinned host buffers.
 
-Skipped without a GPU.
+Skipped without a GPU (``make gpu-check`` runs them on one).
 """
+
+import math
 
 import pytest
 import torch
 
 from lightcache_core import CacheStore, StoreConfig
+from lightcache_core.pinned_pool import BudgetedHostAllocator
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -116,3 +120,51 @@ def test_prefetch_one_step_ahead_has_finished(device):
         stats = store.stats
         assert stats.prefetches == 1 and stats.late_prefetches == 0
         assert stats.prefetch_wait_s < 0.005
+
+
+def test_prefetch_keeps_reserved_memory_flat(device):
+    """Prefetch buffers come from the compute stream's pool: a released copy is reused by the next
+    activation of the same size, so reserved memory does not grow by the prefetch set."""
+    size = 64 * MiB
+    with CacheStore(device, StoreConfig(placement="cpu")) as store:
+        value = torch.randn(size // 4, device=device)
+        store.put("k", value)
+        del value
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        activation = torch.empty(size, dtype=torch.uint8, device=device)  # one step's activation
+        del activation
+        reserved = torch.cuda.memory_reserved(device)
+        for _ in range(4):
+            store.prefetch(["k"])
+            got = store.get("k")
+            total = got.sum()
+            store.release("k")
+            del got, total
+            torch.cuda.synchronize()
+            activation = torch.empty(size, dtype=torch.uint8, device=device)
+            activation.fill_(1)
+            del activation
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_reserved(device) <= reserved
+
+
+def test_auto_uses_reuse_distance_on_cuda(device):
+    with CacheStore(device, StoreConfig(placement="auto")) as store:
+        step = torch.randn(1, 16, 21, 60, 104, device=device).to(torch.bfloat16)  # 4,193,280 B
+        store.put("step", step, reuse_distance=1)
+        store.put("block", torch.randn(MiB, device=device), reuse_distance=math.inf)
+        assert store.where("step") == "device" and store.where("block") == "host"
+
+
+def test_budgeted_pinned_buffers_on_cuda(device):
+    allocator = BudgetedHostAllocator(remaining=lambda: 6 * MiB)
+    with CacheStore(device, StoreConfig(placement="cpu"), host_allocator=allocator) as store:
+        a, b = torch.randn(MiB, device=device), torch.randn(MiB, device=device)  # 4 MiB each
+        store.put("a", a)
+        store.put("b", b)
+        stats = store.stats
+        assert stats.pinned_host_bytes == 4 * MiB and stats.pageable_host_bytes == 4 * MiB
+        assert stats.pageable_fallbacks == 1 and store.notes
+        assert torch.equal(store.get("a"), a) and torch.equal(store.get("b"), b)
+    assert allocator.pinned_bytes == 0 and allocator.pageable_bytes == 0
