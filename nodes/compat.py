@@ -68,6 +68,38 @@ def free_memory_bytes(device: torch.device, patcher: Any = None) -> int:
     return int(model_management.get_free_memory(device))
 
 
+def host_pinned_allocator(mm: Any = None, cli_args: Any = None):
+    """Host buffers for the cache store under the host's one pinned-memory budget (or None: no budget here).
+
+    Returns a core ``BudgetedHostAllocator`` to pass as ``CacheStore(..., host_allocator=...)``:
+    ``--disable-pinned-memory`` (or pinning off on this host) -> pageable buffers with a note; a host
+    whose ``model_management.pin_memory`` registers plain tensors (newer ComfyUI, one growable budget
+    with ``unpin_memory``) -> buffers pinned through it, pageable once it refuses; a host that pins only
+    its own parameter types (0.3.75) -> torch-pinned buffers only while they fit what its budget
+    (``MAX_PINNED_MEMORY - TOTAL_PINNED_MEMORY``) has left. None where the host keeps no pinned budget
+    (the store then pins with torch, as before). ``mm``/``cli_args``: stand-ins for tests.
+    """
+    from ..lightcache_core.pinned_pool import BudgetedHostAllocator
+
+    mm = model_management if mm is None else mm
+    if cli_args is None:
+        import comfy.cli_args
+
+        cli_args = comfy.cli_args.args
+    if getattr(cli_args, "disable_pinned_memory", False):
+        return BudgetedHostAllocator(disabled="--disable-pinned-memory")
+    pin, unpin = getattr(mm, "pin_memory", None), getattr(mm, "unpin_memory", None)
+    if not (callable(pin) and callable(unpin) and hasattr(mm, "MAX_PINNED_MEMORY")):
+        return None
+    if getattr(mm, "MAX_PINNED_MEMORY", 0) <= 0:
+        return BudgetedHostAllocator(disabled="the host has pinned memory off")
+    allowed = getattr(mm, "PINNING_ALLOWED_TYPES", None)
+    if allowed is None or "Tensor" in allowed:
+        return BudgetedHostAllocator(register=pin, unregister=unpin, source="ComfyUI")
+    return BudgetedHostAllocator(remaining=lambda: int(mm.MAX_PINNED_MEMORY - getattr(mm, "TOTAL_PINNED_MEMORY", 0)),
+                                 source="ComfyUI")
+
+
 def compute_device() -> torch.device:
     return model_management.get_torch_device()
 
