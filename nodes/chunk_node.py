@@ -16,6 +16,9 @@ from . import chunk_patches, compat
 log = logging.getLogger("LightCache")
 
 MODES = ["auto", "count", "off"]
+# Extra words the node search matches (hosts whose V3 schema has search_aliases).
+SEARCH_ALIASES = ["chunk", "ffn chunk", "attention chunk", "chunked attention", "chunk feed forward",
+                  "low vram", "memory", "oom"]
 
 DESCRIPTION = (
     "Runs the largest activations of each computed step in pieces so their peak memory drops, with the same "
@@ -64,6 +67,7 @@ class ChunkedModelPatch(io.ComfyNode):
                                  tooltip="UNets only: run resnets and upsamplers along batch x frames."),
             ],
             outputs=[io.Model.Output(tooltip="The model with chunking patches (a clone).")],
+            **compat.schema_extras(search_aliases=SEARCH_ALIASES),
         )
 
     @classmethod

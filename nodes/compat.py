@@ -161,6 +161,27 @@ def input_flags(advanced: bool = False) -> dict:
     return {}
 
 
+def _schema_params() -> frozenset[str]:
+    import inspect
+
+    try:
+        return frozenset(inspect.signature(io.Schema).parameters)
+    except (TypeError, ValueError):
+        return frozenset()
+
+
+def schema_extras(**extras: Any) -> dict:
+    """The ``io.Schema`` keyword arguments among ``extras`` that this host accepts.
+
+    Newer schemas take e.g. ``search_aliases=[...]`` (names the node search
+    also matches) or ``essentials_category``; 0.3.75's ``io.Schema`` raises on
+    them. Use as ``io.Schema(..., **compat.schema_extras(search_aliases=[...]))``;
+    unknown or ``None`` values are dropped, so the node loads on every host.
+    """
+    accepted = _schema_params()
+    return {name: value for name, value in extras.items() if value is not None and name in accepted}
+
+
 # ---------------------------------------------------------------- DiT caching (LightCache Sampler)
 
 def model_output_channels(model_patcher: Any) -> int | None:

@@ -16,6 +16,10 @@ from . import compat, vae_slicing
 
 log = logging.getLogger("LightCache")
 
+# Extra words the node search matches (hosts whose V3 schema has search_aliases).
+SEARCH_ALIASES = ["tiled vae decode", "vae decode", "decode", "video decode", "wan vae decode", "low vram decode",
+                  "sliced decode"]
+
 DESCRIPTION = (
     "Decodes latents like VAE Decode, in time slices, so memory no longer grows with the clip length. "
     "Wan 2.1/2.2 video VAEs: the causal feature cache is carried from slice to slice, so the frames equal VAE "
@@ -67,6 +71,7 @@ class SlicedVAEDecode(io.ComfyNode):
                 io.String.Output(display_name="report",
                                  tooltip="What the decode did: slices, frames per slice, peak memory, time, path."),
             ],
+            **compat.schema_extras(search_aliases=SEARCH_ALIASES),
         )
 
     @classmethod
