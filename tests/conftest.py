@@ -20,6 +20,12 @@ from harness import host  # noqa: E402
 MODELS_DIR = Path(os.environ.get("LIGHTCACHE_MODELS_DIR", host.CACHE / "models"))
 
 
+def pytest_report_header(config):
+    overlay = host.overlay_path()
+    return [f"LightCache host: ComfyUI {host.host_name() if not os.environ.get('COMFYUI_PATH') else '(COMFYUI_PATH)'} "
+            f"at {host.comfyui_path()}" + (f", packages overlay {overlay}" if overlay else "")]
+
+
 @pytest.fixture(scope="session")
 def comfy_host():
     """ComfyUI booted in this process with LightCache and the test pack loaded."""

@@ -113,8 +113,9 @@ def build_hunyuan_video(hidden_size: int = 128, context_dim: int = 64) -> torch.
     params = dict(in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=context_dim, hidden_size=hidden_size,
                   mlp_ratio=4.0, num_heads=hidden_size // 128, depth=1, depth_single_blocks=1, axes_dim=[16, 56, 56],
                   theta=256, patch_size=[1, 2, 2], qkv_bias=True, guidance_embed=True, byt5=False, meanflow=False,
-                  use_cond_type_embedding=False, vision_in_dim=None)
-    # Host versions add parameters over time; pass the ones this host's dataclass knows.
+                  use_cond_type_embedding=False, vision_in_dim=None, meanflow_sum=False)
+    # Host versions add parameters over time (newer hosts require meanflow_sum); pass the ones this
+    # host's dataclass knows.
     known = getattr(HunyuanVideoParams, "__dataclass_fields__", params)
     return HunyuanVideo(image_model="hunyuan_video", operations=_ops(), **{k: v for k, v in params.items() if k in known})
 

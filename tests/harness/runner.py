@@ -14,6 +14,7 @@ messages, and every message the host sent.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import socket
@@ -76,7 +77,8 @@ class RecordingServer:
     keeps every message, so tests can read progress text and node timings.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, wrapped=None) -> None:
+        self.wrapped = wrapped  # the host's real PromptServer (routes, managers); everything else is ours
         self.client_id = None
         self.last_node_id = None
         self.last_prompt_id = None
@@ -95,6 +97,17 @@ class RecordingServer:
     def queue_updated(self) -> None:
         pass
 
+    def __getattr__(self, name):
+        wrapped = self.__dict__.get("wrapped")
+        if wrapped is None or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(wrapped, name)
+
+
+# No output cache across runs, and no RAM-pressure headroom: every key a host's PromptExecutor reads
+# (newer hosts also read "ram_inactive"; the others ignore keys they do not know).
+CACHE_ARGS = {"lru": 0, "ram": 0, "ram_inactive": 0}
+
 
 class InProcessRunner:
     """Runs prompts through ``execution.PromptExecutor`` in this process."""
@@ -104,11 +117,13 @@ class InProcessRunner:
         import server as comfy_server
 
         self._execution = execution
-        self.server = RecordingServer()
-        # Nodes reach the UI through ``PromptServer.instance``; in-process that is us.
-        if getattr(comfy_server.PromptServer, "instance", None) is None:
-            comfy_server.PromptServer.instance = self.server
-        self.executor = execution.PromptExecutor(self.server, cache_type=cache_type or execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0})
+        # Nodes reach the UI through ``PromptServer.instance``; in-process that is us, in front of the
+        # real server boot() created (the newest runner receives the messages).
+        current = getattr(comfy_server.PromptServer, "instance", None)
+        self.server = RecordingServer(current.wrapped if isinstance(current, RecordingServer) else current)
+        comfy_server.PromptServer.instance = self.server
+        self.executor = execution.PromptExecutor(self.server, cache_type=cache_type or execution.CacheType.CLASSIC,
+                                                 cache_args=dict(CACHE_ARGS))
 
     def run(self, prompt: dict, *, raise_on_error: bool = True) -> RunResult:
         """Validate and execute ``prompt``; return outputs and timings.
@@ -143,6 +158,8 @@ class InProcessRunner:
         outputs = {}
         for node_id in prompt:
             cached = self.executor.caches.outputs.get(node_id)
+            if inspect.isawaitable(cached):  # newer hosts' caches are async
+                cached = asyncio.run(cached)
             if cached is not None:
                 outputs[node_id] = [v[0] if isinstance(v, list) and len(v) == 1 else v for v in cached.outputs] if hasattr(cached, "outputs") else cached
         result = RunResult(prompt_id, outputs, self.executor.history_result.get("outputs", {}), self.server.clock.seconds, list(self.server.messages), error or interrupted)
