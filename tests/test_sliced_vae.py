@@ -120,7 +120,9 @@ def test_tail_runs_frame_by_frame_and_stays_exact(wan_vae, monkeypatch):
     z = _latent((1, 16, 3, 5, 6), seed=11)
     ref = _reference(wan_vae, z, ("wan-tail", 3))
     split = vs.decode(wan_vae, z, vs.DecodeOptions(frames_per_slice=2))
-    assert seen == [1, 4, 4]  # the first latent frame decodes to one frame, the others to four
+    # the first latent frame decodes to one frame, the others to four: the host's decoder gets them one latent
+    # frame at a time ([1, 4, 4]) or in pairs whose upsampled frames it splits itself (newer hosts: [1, 2, 2, 2, 2])
+    assert seen[0] == 1 and sum(seen) == 1 + 4 * 2 and all(1 <= n <= 4 for n in seen), seen
     assert any("one frame at a time" in n for n in split.notes)
     whole = vs.decode(wan_vae, z, vs.DecodeOptions(frames_per_slice=2, frame_split=False))
     assert (split.images - ref).abs().max().item() <= 1e-5

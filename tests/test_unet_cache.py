@@ -225,25 +225,14 @@ def test_store_holds_exactly_one_branch_tensor_per_cfg_branch(runner, uc, family
 
 
 def test_batched_and_split_cfg_give_the_same_output(runner, uc, monkeypatch):
-    import comfy.model_management
-    import comfy.samplers
-
-    class _NoRoomForBatching:
-        """comfy.samplers' view of model_management, with no free memory: cond and uncond run as separate calls."""
-
-        def __getattr__(self, name):
-            return getattr(comfy.model_management, name)
-
-        @staticmethod
-        def get_free_memory(*args, **kwargs):
-            return 0
+    from harness.hostcompat import force_split_cond_batches
 
     prompt, s, _ = _graph(SD15, "LightCacheSampler", _lightcache())
     batched = runner.run(prompt)
     ks_prompt, ks, _ = _graph(SD15)
     ks_batched = _samples(runner, ks_prompt, ks)
     # No free memory -> _calc_cond_batch runs cond and uncond as separate UNet calls.
-    monkeypatch.setattr(comfy.samplers, "model_management", _NoRoomForBatching())
+    force_split_cond_batches(monkeypatch)
     split = runner.run(prompt)
     ks_split = _samples(runner, ks_prompt, ks)
     tol = float((ks_batched - ks_split).abs().max()) + 1e-5
