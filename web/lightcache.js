@@ -3,25 +3,24 @@
 // Data flow (no custom server messages):
 //  * while sampling, the Python side calls PromptServer.send_progress_text(text, node_id);
 //    the frontend shows that text under the node natively ("$$node-text-preview" widget);
-//  * after a run, LightCacheSampler returns ui={"lightcache_report": [RunReport.to_dict()]}
-//    and SlicedVAEDecode returns ui={"lightcache_decode": [DecodeReport.to_dict()]}; the
-//    frontend hands that dict to node.onExecuted(output), which we chain.
+//  * after a run, LightCacheSampler returns ui={"lightcache_report": [report dict]} and
+//    SlicedVAEDecode returns ui={"lightcache_decode": [decode dict]}; the frontend hands
+//    that output to node.onExecuted(output), which we chain.
 //
-// What is drawn:
-//  * LightCache Sampler: a badge over the title "<speedup>x est · <n>/<steps> steps reused"
-//    (a step counts when at least one of its evaluations reused), a compact timeline
-//    strip (one cell per model evaluation, one row per CFG branch, coloured by decision),
-//    a colour key with counts, and the cache bytes offloaded to CPU RAM (+ the compute-device peak);
-//  * Sliced VAE Decode: a badge with the slices used and the peak memory.
+// What is shown, in one DOM widget per node (node.addDOMWidget), so it renders the same
+// with Nodes 2.0 (Vue nodes) on, where the frontend mounts the element inside the node,
+// and off, where the frontend positions it over the LiteGraph canvas. LiteGraph drawing
+// hooks (onDrawForeground, LGraphBadge, canvas widgets) are not used: Vue nodes never run them.
+//  * LightCache Sampler: a badge "⚡ <speedup>x est. · <reused>/<evaluations> evals reused",
+//    a line with evaluations computed and reused (by kind), a timeline strip (one cell per
+//    model evaluation, one row per CFG branch, one strip per stage of a two-stage run,
+//    coloured by decision), a colour key with counts, and what the cache held and where;
+//  * Sliced VAE Decode: a badge with the slices used and the peak memory, and a detail line.
 //
-// Badges are native LGraphBadge objects (node.badges); where the frontend has none, a
-// chained onDrawForeground draws the same pill. The timeline lives in a canvas widget
-// without a value (serialize: false), so it reserves its own rows in the node and the
-// native progress-text widget, which fills the node's bottom, never covers it.
-//
-// Current conventions only: app/api come from window.comfyAPI (no script imports), no
-// build step, no dependencies. Drawing is cheap: everything is precomputed in onExecuted.
-// A debug hook for tests and for curious users: node.__lightcache (see newState()).
+// The report dict grows over time (the caching engine adds keys), so every key is read
+// defensively and unknown ones are ignored. Current conventions only: app/api come from
+// window.comfyAPI (no script imports), no build step, no dependencies.
+// A debug hook for tests and for curious users: node.__lightcache and window.__lightcache.
 
 const { app } = window.comfyAPI.app;
 const { api } = window.comfyAPI.api;
@@ -29,7 +28,8 @@ const { api } = window.comfyAPI.api;
 const EXTENSION = "LightCache.RunReport";
 const SAMPLER_TYPES = new Set(["LightCacheSampler"]);
 const DECODE_TYPES = new Set(["SlicedVAEDecode"]);
-const TIMELINE_WIDGET = "$$lightcache-timeline";
+const REPORT_WIDGET = "$$lightcache-report";
+const CSS_CLASS = "lightcache-report";
 
 // One colour per timeline code (lightcache_core.report.GRANULARITY_CODES).
 const CODE_COLORS = {
@@ -41,18 +41,33 @@ const CODE_COLORS = {
 };
 const UNKNOWN_COLOR = "#3f3f46";
 const CODE_NAMES = { C: "computed", S: "step", G: "cfg", B: "block", D: "deepcache" };
-const GRANULARITY_TO_CODE = { full: "C", step: "S", cfg: "G", block: "B", deepcache: "D" };
+const GRANULARITY_TO_CODE = { full: "C", compute: "C", step: "S", cfg: "G", block: "B", deepcache: "D" };
 
-const ROW_HEIGHT = 10;
+// Fixed pixel heights, so the widget can tell the LiteGraph layout its height up front.
+const PAD = 4;
+const BADGE_H = 20;
+const LINE_H = 15;
+const ROW_H = 10;
 const ROW_GAP = 2;
-const STRIP_MARGIN = 15;
-const INFO_LINE_HEIGHT = 13;
-const LABEL_WIDTH = 38;
+const STAGE_LABEL_H = 13;
+const GAP = 4;
+const MARGIN = 8; // the DOM widget's inset inside the node (LiteGraph mode)
+const MAX_NOTES = 2;
 
 const trackedNodes = new Set();
 
-function formatBytes(n) {
-  n = Number(n) || 0;
+// ---------------------------------------------------------------- small helpers
+
+const isObject = (v) => v !== null && typeof v === "object" && !Array.isArray(v);
+const asArray = (v) => (Array.isArray(v) ? v : []);
+
+function finiteNumber(v) {
+  const n = typeof v === "string" && v.trim() !== "" ? Number(v) : v;
+  return typeof n === "number" && Number.isFinite(n) ? n : null;
+}
+
+function formatBytes(value) {
+  let n = finiteNumber(value) ?? 0;
   if (Math.abs(n) < 1024) return `${Math.round(n)} B`;
   for (const unit of ["KiB", "MiB", "GiB", "TiB"]) {
     n /= 1024;
@@ -61,258 +76,270 @@ function formatBytes(n) {
   return `${n.toFixed(1)} TiB`;
 }
 
-function newState(kind) {
-  return {
-    kind, // "sampler" | "decode"
-    report: null, // the last report dict from the node's UI output
-    badge: null, // badge text, null before the first run
-    info: null, // summary lines drawn under the timeline (sampler only)
-    rows: [], // [{branch, cells: [colour, ...]}] precomputed for drawing
-    legend: [], // [{color, text}] one entry per decision present, with its count
-    timelineCells: 0, // number of evaluation cells in the strip
-    stale: false, // a new run started; the old report is drawn dimmed
-    drawn: { badge: 0, timeline: 0 }, // frames that actually painted them (for tests)
-    _badgeObj: null,
-    _badgeKey: null,
-  };
+function formatSeconds(value) {
+  const s = finiteNumber(value);
+  if (s === null) return null;
+  return s < 10 ? `${s.toFixed(2)} s` : `${s.toFixed(1)} s`;
 }
 
-// ---------------------------------------------------------------- report -> view model
-
 function codeOf(cell) {
-  if (!cell || typeof cell !== "object") return "?";
-  if (typeof cell.g === "string") return cell.g;
+  if (!isObject(cell)) return "?";
+  if (typeof cell.g === "string" && cell.g) return cell.g;
+  if (typeof cell.code === "string" && cell.code) return cell.code;
   if (cell.decision === "compute") return "C";
   return GRANULARITY_TO_CODE[cell.granularity] ?? "?";
 }
 
-function applySamplerReport(state, report) {
-  state.report = report;
-  state.stale = false;
-  const timeline = Array.isArray(report.timeline)
-    ? report.timeline
-    : Array.isArray(report.records) ? report.records : [];
+const isReuseCode = (code) => code !== "C" && code !== "?";
 
-  // Rows per CFG branch, in order of first appearance; one cell per evaluation.
-  const rowsByBranch = new Map();
-  const steps = new Map(); // step -> {evals, reused}
+// ---------------------------------------------------------------- report -> view model
+
+// Rows per CFG branch, in order of first appearance; one cell per evaluation.
+function stripOf(timeline, label) {
+  const rows = new Map();
+  const counts = {};
   for (const cell of timeline) {
     const branch = String(cell?.branch ?? "all");
-    if (!rowsByBranch.has(branch)) rowsByBranch.set(branch, []);
+    if (!rows.has(branch)) rows.set(branch, []);
     const code = codeOf(cell);
-    rowsByBranch.get(branch).push(CODE_COLORS[code] ?? UNKNOWN_COLOR);
-    const s = steps.get(cell?.step) ?? { evals: 0, reused: 0 };
-    s.evals += 1;
-    if (code !== "C") s.reused += 1;
-    steps.set(cell?.step, s);
+    rows.get(branch).push(code);
+    counts[code] = (counts[code] ?? 0) + 1;
   }
-  state.rows = [...rowsByBranch.entries()].map(([branch, cells]) => ({ branch, cells }));
-  state.timelineCells = timeline.length;
-  const counts = {};
-  for (const cell of timeline) counts[codeOf(cell)] = (counts[codeOf(cell)] ?? 0) + 1;
-  state.legend = Object.keys(CODE_COLORS)
-    .filter((code) => counts[code])
-    .map((code) => ({ color: CODE_COLORS[code], text: `${CODE_NAMES[code]} ${counts[code]}` }));
+  return { label, rows: [...rows.entries()].map(([branch, codes]) => ({ branch, codes })), cells: timeline.length, counts };
+}
 
-  const evaluations = report.evaluations ?? timeline.length;
-  const reused = report.reused ?? timeline.filter((c) => codeOf(c) !== "C").length;
-  const totalSteps = report.total_steps ?? steps.size;
-  // A step counts as reused when at least one of its evaluations reused cached work.
-  const stepsReused = [...steps.values()].filter((s) => s.reused > 0).length;
-  const speedup = report.estimated_speedup;
-  const speedupText = typeof speedup === "number" && isFinite(speedup) ? `${speedup.toFixed(2)}x` : speedup === null && reused > 0 ? "∞" : "1.00x";
+function stageLabel(stage, index) {
+  for (const key of ["name", "label", "stage", "model"]) {
+    if (typeof stage?.[key] === "string" && stage[key]) return stage[key];
+  }
+  return `stage ${index + 1}`;
+}
 
-  if (report.mode === "off" || (!timeline.length && !reused)) {
-    state.badge = `LightCache ${report.mode ?? "off"}: nothing reused`;
+function sumOver(items, key) {
+  let total = null;
+  for (const item of items) {
+    const n = finiteNumber(item?.[key]);
+    if (n !== null) total = (total ?? 0) + n;
+  }
+  return total;
+}
+
+// Per-granularity byte tables the report may carry (e.g. bytes stored / read per kind of reuse),
+// under names we may not know yet: any {granularity: bytes} object whose key says bytes and
+// stored/written/read.
+function byteTables(report) {
+  const out = [];
+  const seen = new Set();
+  for (const source of [report, report.cache_stats]) {
+    if (!isObject(source)) continue;
+    for (const [key, value] of Object.entries(source)) {
+      if (!isObject(value) || seen.has(key)) continue;
+      const k = key.toLowerCase();
+      if (!k.includes("byte")) continue;
+      const verb = k.includes("read") ? "read" : k.includes("stor") || k.includes("writ") ? "stored" : null;
+      if (!verb) continue;
+      const parts = Object.entries(value)
+        .filter(([, v]) => finiteNumber(v) !== null && finiteNumber(v) > 0)
+        .map(([g, v]) => `${g} ${formatBytes(v)}`);
+      if (!parts.length) continue;
+      seen.add(key);
+      out.push({ key, verb, text: `${verb}: ${parts.join(", ")}` });
+    }
+  }
+  return out;
+}
+
+function samplerView(report) {
+  const stages = asArray(report.stages).filter(isObject);
+  const topTimeline = asArray(report.timeline).length ? asArray(report.timeline) : asArray(report.records);
+  let strips;
+  if (stages.some((s) => asArray(s.timeline).length)) {
+    strips = stages.map((s, i) => stripOf(asArray(s.timeline), stageLabel(s, i)));
   } else {
-    state.badge = `⚡ ${speedupText} est · ${stepsReused}/${totalSteps} steps reused`;
+    strips = topTimeline.length ? [stripOf(topTimeline, null)] : [];
+  }
+  const cellCount = strips.reduce((n, s) => n + s.cells, 0);
+  const counts = {};
+  for (const strip of strips) for (const [code, n] of Object.entries(strip.counts)) counts[code] = (counts[code] ?? 0) + n;
+  const countedReuse = Object.entries(counts).filter(([c]) => isReuseCode(c)).reduce((n, [, v]) => n + v, 0);
+
+  const evaluations = finiteNumber(report.evaluations) ?? sumOver(stages, "evaluations") ?? cellCount;
+  const reused = finiteNumber(report.reused) ?? sumOver(stages, "reused") ?? countedReuse;
+  const computed = finiteNumber(report.computed) ?? sumOver(stages, "computed") ?? Math.max(evaluations - reused, 0);
+  const totalSteps = finiteNumber(report.total_steps) ?? sumOver(stages, "total_steps");
+  const counted = finiteNumber(report.counted);
+  const mode = typeof report.mode === "string" ? report.mode : null;
+
+  // Reuse by kind: the report's own table if it has one, else the timeline's codes.
+  let byKind = [];
+  if (isObject(report.reused_by_granularity)) {
+    byKind = Object.entries(report.reused_by_granularity)
+      .map(([g, n]) => [g, finiteNumber(n)])
+      .filter(([, n]) => n);
+  } else {
+    byKind = Object.entries(counts).filter(([c]) => isReuseCode(c)).map(([c, n]) => [CODE_NAMES[c] ?? c, n]);
+  }
+  byKind.sort((a, b) => b[1] - a[1]);
+
+  const speedup = finiteNumber(report.estimated_speedup);
+  let speedupText = null;
+  if (speedup !== null) speedupText = `${speedup.toFixed(2)}x est.`;
+  else if (report.estimated_speedup === null && reused > 0 && computed === 0) speedupText = "∞ est.";
+
+  let badge;
+  if (mode === "off" || (!evaluations && !reused)) {
+    badge = `LightCache ${mode ?? "off"}: nothing reused`;
+  } else {
+    badge = `⚡ ${speedupText ? speedupText + " · " : ""}${reused}/${evaluations} evals reused`;
   }
 
-  state.info = [];
-  if (report.cache_stats) {
-    const stats = report.cache_stats;
-    const offloaded = Math.max(Number(stats.bytes_to_host) || 0, Number(stats.host_bytes) || 0);
+  const parts = [`computed ${computed}`, `reused ${reused}${byKind.length ? ` (${byKind.map(([g, n]) => `${g} ${n}`).join(", ")})` : ""}`];
+  if (counted !== null && counted !== evaluations) parts.push(`${counted} counted`);
+  if (totalSteps !== null) parts.push(`${totalSteps} steps`);
+  if (mode) parts.push(mode);
+  const countsLine = parts.join(" · ");
+
+  const legend = Object.keys(CODE_COLORS)
+    .filter((code) => counts[code])
+    .map((code) => ({ code, color: CODE_COLORS[code], text: `${CODE_NAMES[code]} ${counts[code]}` }));
+  if (counts["?"]) legend.push({ code: "?", color: UNKNOWN_COLOR, text: `other ${counts["?"]}` });
+
+  const info = [];
+  const stats = isObject(report.cache_stats) ? report.cache_stats : null;
+  if (stats) {
+    const offloaded = Math.max(finiteNumber(stats.bytes_to_host) ?? 0, finiteNumber(stats.host_bytes) ?? 0);
     let line = `cache: ${formatBytes(offloaded)} offloaded to CPU`;
-    if (stats.peak_device_bytes) line += ` · device peak ${formatBytes(stats.peak_device_bytes)}`;
-    state.info.push(line);
+    const peak = finiteNumber(stats.peak_device_bytes);
+    if (peak) line += ` · device peak ${formatBytes(peak)}`;
+    const entries = finiteNumber(stats.entries);
+    if (entries) line += ` · ${entries} entries`;
+    info.push(line);
   }
+  for (const table of byteTables(report)) info.push(`cache ${table.text}`);
+  const notes = asArray(report.notes).filter((n) => typeof n === "string" && n).map((n) => `note: ${n}`);
+
+  return { kind: "sampler", badge, countsLine, strips, legend, info, notes: notes.slice(0, MAX_NOTES),
+           cellCount, counts, evaluations, computed, reused, speedupText };
 }
 
-function applyDecodeReport(state, report) {
-  state.report = report;
-  state.stale = false;
-  state.rows = [];
-  state.legend = [];
-  state.timelineCells = 0;
-  const slices = report.slices ?? "?";
-  const frames = report.frames_per_slice;
-  const peak = report.peak_bytes;
+function decodeView(report) {
+  const slices = finiteNumber(report.slices);
+  const frames = finiteNumber(report.frames_per_slice);
+  const peak = finiteNumber(report.peak_bytes);
+  const path = typeof report.path === "string" ? report.path : null;
   // The path only when it is not the normal sliced one (e.g. a tiled fallback).
-  const path = report.path && !String(report.path).includes("slice") ? ` (${report.path})` : "";
-  state.badge = `${slices} slice${slices === 1 ? "" : "s"}${frames ? ` × ${frames} fr` : ""} · peak ${peak == null ? "?" : formatBytes(peak)}${path}`;
-  state.info = null;
+  const pathText = path && !path.includes("slice") ? ` (${path})` : "";
+  const sliceText = slices === null ? "? slices" : `${slices} slice${slices === 1 ? "" : "s"}`;
+  const badge = `${sliceText}${frames ? ` × ${frames} fr` : ""} · peak ${peak === null ? "?" : formatBytes(peak)}${pathText}`;
+  const details = [];
+  const seconds = formatSeconds(report.seconds);
+  if (seconds) details.push(seconds);
+  if (path) details.push(`path ${path}`);
+  const info = details.length ? [`decode: ${details.join(" · ")}`] : [];
+  const notes = asArray(report.notes).filter((n) => typeof n === "string" && n).map((n) => `note: ${n}`);
+  return { kind: "decode", badge, countsLine: null, strips: [], legend: [], info, notes: notes.slice(0, MAX_NOTES),
+           cellCount: 0, counts: {} };
 }
 
-// ---------------------------------------------------------------- drawing
+// ---------------------------------------------------------------- view model -> DOM
 
-function badgeFor(state) {
-  const text = state?.badge ?? "";
-  const key = `${text}|${state?.stale ? 1 : 0}`;
-  if (state._badgeObj && state._badgeKey === key) return state._badgeObj;
-  const Badge = window.LGraphBadge;
-  const badge = new Badge({
-    text,
-    fgColor: state.stale ? "#a1a1aa" : "#ffffff",
-    bgColor: state.kind === "decode" ? "#1e3a5f" : "#14532d",
-  });
-  const draw = badge.draw;
-  badge.draw = function (...args) {
-    if (this.visible) state.drawn.badge += 1;
-    return draw.apply(this, args);
-  };
-  state._badgeObj = badge;
-  state._badgeKey = key;
-  return badge;
+function el(tag, style, text) {
+  const e = document.createElement(tag);
+  if (style) Object.assign(e.style, style);
+  if (text != null) e.textContent = text;
+  return e;
 }
 
-function attachBadge(node) {
-  // Native node badges (drawn above the title bar by LGraphNode.drawBadges); the
-  // callback is evaluated every frame and returns a cached LGraphBadge.
-  if (!window.LGraphBadge || !Array.isArray(node.badges)) return false;
-  const state = node.__lightcache;
-  if (!node.__lightcacheBadgeFn) node.__lightcacheBadgeFn = () => badgeFor(state);
-  if (!node.badges.includes(node.__lightcacheBadgeFn)) node.badges.push(node.__lightcacheBadgeFn);
-  return true;
+const TEXT_COLOR = "var(--descrip-text, #a1a1aa)";
+
+function textLine(role, text) {
+  const line = el("div", {
+    height: `${LINE_H}px`, lineHeight: `${LINE_H}px`, fontSize: "11px", color: TEXT_COLOR,
+    whiteSpace: "nowrap", overflow: "hidden", textOverflow: "ellipsis",
+  }, text);
+  line.dataset.role = role;
+  line.title = text;
+  return line;
 }
 
-// Fallback when the frontend has no LGraphBadge: a pill above the title, from onDrawForeground.
-function drawFallbackBadge(ctx, node, state) {
-  if (!state.badge) return;
-  const titleH = window.LiteGraph?.NODE_TITLE_HEIGHT ?? 30;
-  ctx.save();
-  ctx.font = "12px sans-serif";
-  const w = ctx.measureText(state.badge).width + 12;
-  const x = node.size[0] - w;
-  const y = -titleH - 22;
-  ctx.fillStyle = state.kind === "decode" ? "#1e3a5f" : "#14532d";
-  ctx.beginPath();
-  if (ctx.roundRect) ctx.roundRect(x, y, w, 20, 5);
-  else ctx.rect(x, y, w, 20);
-  ctx.fill();
-  ctx.fillStyle = state.stale ? "#a1a1aa" : "#ffffff";
-  ctx.textBaseline = "middle";
-  ctx.fillText(state.badge, x + 6, y + 11);
-  ctx.restore();
-  state.drawn.badge += 1;
-}
-
-function timelineHeight(state) {
-  if (!state.report) return 0;
-  const rows = Math.max(state.rows.length, 1);
-  const lines = (state.info?.length ?? 0) + (state.legend.length ? 1 : 0);
-  return 6 + rows * (ROW_HEIGHT + ROW_GAP) + lines * INFO_LINE_HEIGHT + 4;
-}
-
-// The info lines shortened to fit the node; recomputed only when the width or text changes.
-function fitLines(ctx, state, width) {
-  if (state._fit && state._fit.width === width && state._fit.info === state.info) return state._fit.lines;
-  const lines = state.info.map((line) => {
-    let text = line;
-    while (text.length > 8 && ctx.measureText(text).width > width) text = text.slice(0, -2);
-    return text === line ? line : text.slice(0, -1) + "…";
-  });
-  state._fit = { width, info: state.info, lines };
-  return lines;
-}
-
-function drawTimeline(ctx, node, width, y, state) {
-  if (!state.report) return;
-  const labelW = state.rows.length > 1 ? LABEL_WIDTH : 0;
-  const x0 = STRIP_MARGIN + labelW;
-  const w = Math.max(width - 2 * STRIP_MARGIN - labelW, 10);
-  ctx.save();
-  ctx.globalAlpha = state.stale ? 0.4 : 1;
-  ctx.font = "9px sans-serif";
-  ctx.textBaseline = "middle";
-  ctx.textAlign = "left";
-  const textColor = window.LiteGraph?.WIDGET_SECONDARY_TEXT_COLOR ?? "#aaaaaa";
-  let rowY = y + 6;
-  if (!state.rows.length) {
-    ctx.fillStyle = UNKNOWN_COLOR;
-    ctx.fillRect(x0, rowY, w, ROW_HEIGHT);
-    rowY += ROW_HEIGHT + ROW_GAP;
+function viewHeight(view) {
+  if (!view) return 0;
+  let h = 2 * PAD + BADGE_H;
+  if (view.countsLine) h += GAP + LINE_H;
+  for (const strip of view.strips) {
+    h += GAP + (strip.label ? STAGE_LABEL_H : 0) + Math.max(strip.rows.length, 1) * (ROW_H + ROW_GAP);
   }
-  const maxCells = state.rows.reduce((m, r) => Math.max(m, r.cells.length), 1);
-  const cellW = w / maxCells;
-  const gap = cellW >= 4 ? 1 : 0;
-  for (const row of state.rows) {
-    if (labelW) {
-      ctx.fillStyle = textColor;
-      ctx.fillText(row.branch.slice(0, 6), STRIP_MARGIN, rowY + ROW_HEIGHT / 2);
+  if (view.legend.length) h += LINE_H;
+  h += (view.info.length + view.notes.length) * LINE_H;
+  return h;
+}
+
+function renderStrip(strip) {
+  const box = el("div", { marginTop: `${GAP}px` });
+  box.dataset.role = "timeline";
+  if (strip.label) {
+    const label = el("div", { height: `${STAGE_LABEL_H}px`, lineHeight: `${STAGE_LABEL_H}px`, fontSize: "10px", color: TEXT_COLOR }, strip.label);
+    label.dataset.role = "stage";
+    box.appendChild(label);
+  }
+  const labelled = strip.rows.length > 1;
+  for (const row of strip.rows) {
+    const line = el("div", { display: "flex", alignItems: "center", height: `${ROW_H}px`, marginBottom: `${ROW_GAP}px` });
+    line.dataset.branch = row.branch;
+    if (labelled) {
+      line.appendChild(el("span", { width: "40px", flex: "none", fontSize: "9px", lineHeight: `${ROW_H}px`, color: TEXT_COLOR, overflow: "hidden" }, row.branch.slice(0, 7)));
     }
-    for (let i = 0; i < row.cells.length; i++) {
-      ctx.fillStyle = row.cells[i];
-      ctx.fillRect(x0 + i * cellW, rowY, Math.max(cellW - gap, 0.5), ROW_HEIGHT);
+    const cells = el("div", { display: "flex", flex: "1", height: "100%", gap: row.codes.length <= 120 ? "1px" : "0", minWidth: "0" });
+    for (const code of row.codes) {
+      const cell = el("i", { flex: "1", minWidth: "0", height: "100%", background: CODE_COLORS[code] ?? UNKNOWN_COLOR, borderRadius: "1px" });
+      cell.dataset.code = code;
+      cells.appendChild(cell);
     }
-    rowY += ROW_HEIGHT + ROW_GAP;
+    line.appendChild(cells);
+    box.appendChild(line);
   }
-  ctx.font = "10px sans-serif";
-  ctx.textBaseline = "top";
-  const textW = width - 2 * STRIP_MARGIN;
-  if (state.legend.length) {
-    // Colour key with counts: "■ computed 14  ■ step 18".
-    let x = STRIP_MARGIN;
-    for (const item of state.legend) {
-      const itemW = 11 + ctx.measureText(item.text).width;
-      if (x + itemW > STRIP_MARGIN + textW) break;
-      ctx.fillStyle = item.color;
-      ctx.fillRect(x, rowY + 3, 8, 8);
-      ctx.fillStyle = textColor;
-      ctx.fillText(item.text, x + 11, rowY + 2);
-      x += itemW + 10;
-    }
-    rowY += INFO_LINE_HEIGHT;
-  }
-  if (state.info?.length) {
-    ctx.fillStyle = textColor;
-    for (const text of fitLines(ctx, state, textW)) {
-      ctx.fillText(text, STRIP_MARGIN, rowY + 2);
-      rowY += INFO_LINE_HEIGHT;
-    }
-  }
-  ctx.restore();
-  state.drawn.timeline += 1;
+  return box;
 }
 
-// A canvas widget that reserves room for the timeline in the node's widget stack (so
-// the native progress-text widget, which fills the node's bottom, never covers it).
-function addTimelineWidget(node) {
-  if (node.widgets?.some((w) => w.name === TIMELINE_WIDGET)) return;
-  const state = node.__lightcache;
-  const widget = {
-    name: TIMELINE_WIDGET,
-    type: "lightcache_timeline",
-    value: "",
-    serialize: false,
-    options: { serialize: false },
-    draw(ctx, n, width, y) {
-      drawTimeline(ctx, n, width, y, state);
-    },
-    computeSize(width) {
-      return [width ?? 0, timelineHeight(state)];
-    },
-  };
-  node.addCustomWidget(widget);
-}
+function render(state) {
+  const root = state.element;
+  const view = state.view;
+  root.replaceChildren();
+  root.dataset.state = view ? (state.stale ? "stale" : "ready") : "empty";
+  root.style.display = view ? "block" : "none";
+  if (!view) return;
+  root.style.opacity = state.stale ? "0.45" : "1";
 
-function growToFit(node) {
-  // Make room for a timeline that just appeared (never shrink what the user sized).
-  try {
-    const size = node.computeSize?.();
-    if (size && node.size[1] < size[1]) node.setSize([Math.max(node.size[0], size[0]), size[1]]);
-  } catch (e) {
-    /* sizing is cosmetic */
+  const badge = el("div", {
+    display: "inline-block", maxWidth: "100%", boxSizing: "border-box", height: `${BADGE_H}px`, lineHeight: `${BADGE_H}px`,
+    padding: "0 8px", borderRadius: "10px", fontSize: "12px", fontWeight: "600", color: "#ffffff",
+    background: state.kind === "decode" ? "#1e3a5f" : "#14532d",
+    whiteSpace: "nowrap", overflow: "hidden", textOverflow: "ellipsis",
+  }, view.badge);
+  badge.dataset.role = "badge";
+  badge.title = view.badge;
+  root.appendChild(badge);
+
+  if (view.countsLine) {
+    const counts = textLine("counts", view.countsLine);
+    counts.style.marginTop = `${GAP}px`;
+    root.appendChild(counts);
   }
+  for (const strip of view.strips) root.appendChild(renderStrip(strip));
+  if (view.legend.length) {
+    const legend = el("div", { display: "flex", gap: "10px", height: `${LINE_H}px`, alignItems: "center", overflow: "hidden", fontSize: "10px", color: TEXT_COLOR, whiteSpace: "nowrap" });
+    legend.dataset.role = "legend";
+    for (const item of view.legend) {
+      const entry = el("span", { display: "inline-flex", alignItems: "center", gap: "3px" });
+      entry.dataset.code = item.code;
+      entry.appendChild(el("i", { width: "8px", height: "8px", background: item.color, display: "inline-block", borderRadius: "1px" }));
+      entry.appendChild(document.createTextNode(item.text));
+      legend.appendChild(entry);
+    }
+    root.appendChild(legend);
+  }
+  for (const line of view.info) root.appendChild(textLine("info", line));
+  for (const line of view.notes) root.appendChild(textLine("note", line));
 }
 
 // ---------------------------------------------------------------- node hooks
@@ -326,39 +353,79 @@ function chain(object, name, fn) {
   };
 }
 
+function newState(kind, element) {
+  return {
+    kind, // "sampler" | "decode"
+    element, // the DOM widget's element
+    widget: null,
+    report: null, // the last report dict from the node's UI output
+    view: null, // what is shown, derived from the report (see samplerView / decodeView)
+    stale: false, // a new run started; the old report is shown dimmed
+    renders: 0, // how often the element was rebuilt (for tests)
+  };
+}
+
+function applyReport(node, report) {
+  const state = node.__lightcache;
+  state.report = report;
+  state.stale = false;
+  try {
+    state.view = state.kind === "sampler" ? samplerView(report) : decodeView(report);
+  } catch (error) {
+    console.warn(`[LightCache] could not read the ${state.kind} report of node ${node.id}:`, error);
+    state.view = { kind: state.kind, badge: "LightCache: report unreadable (see the browser console)", countsLine: null,
+                   strips: [], legend: [], info: [], notes: [], cellCount: 0, counts: {} };
+  }
+  state.element.dataset.lightcacheNode = String(node.id);
+  render(state);
+  state.renders += 1;
+  // LiteGraph mode: the layout grows the node to the widget's new minimum height on the next
+  // frame; Vue nodes size themselves from the DOM.
+  node.setDirtyCanvas?.(true, true);
+  app.canvas?.setDirty?.(true, true);
+}
+
 function setupNode(node, kind) {
   if (node.__lightcache) return;
-  node.__lightcache = newState(kind);
+  if (typeof node.addDOMWidget !== "function") {
+    // A frontend without DOM widgets: the report output and progress text still show it.
+    console.info("[LightCache] this frontend has no node.addDOMWidget; the run report is shown only as text.");
+    return;
+  }
+  // contain: inline-size, so long lines never widen the node (they end in an ellipsis instead).
+  const element = el("div", { boxSizing: "border-box", width: "100%", minWidth: "0", contain: "inline-size",
+                               padding: `${PAD}px 2px`, overflow: "hidden", pointerEvents: "none", display: "none",
+                               fontFamily: "var(--font-inter, sans-serif)" });
+  element.className = CSS_CLASS;
+  element.dataset.kind = kind;
+  element.dataset.state = "empty";
+  const state = newState(kind, element);
+  node.__lightcache = state;
   trackedNodes.add(node);
-  if (kind === "sampler") addTimelineWidget(node);
-  const native = attachBadge(node);
+
+  const widget = node.addDOMWidget(REPORT_WIDGET, "lightcache_report", element, {
+    serialize: false, // not saved in the workflow, not sent with the prompt
+    hideOnZoom: true,
+    margin: MARGIN,
+    getValue: () => "",
+    setValue: () => {},
+    getMinHeight: () => (state.view ? viewHeight(state.view) + 2 * MARGIN : 0),
+    getMaxHeight: () => (state.view ? viewHeight(state.view) + 2 * MARGIN : 0),
+  });
+  widget.serialize = false; // workflow persistence (widgets_values)
+  state.widget = widget;
 
   chain(node, "onExecuted", function (output) {
-    const state = this.__lightcache;
-    if (!state || !output) return;
-    const key = state.kind === "sampler" ? "lightcache_report" : "lightcache_decode";
+    if (!this.__lightcache || !output) return;
+    const key = kind === "sampler" ? "lightcache_report" : "lightcache_decode";
     const value = output[key];
     const report = Array.isArray(value) ? value[value.length - 1] : value;
-    if (!report || typeof report !== "object") return;
-    if (state.kind === "sampler") applySamplerReport(state, report);
-    else applyDecodeReport(state, report);
-    attachBadge(this); // re-attach if something replaced node.badges
-    if (state.kind === "sampler") growToFit(this);
-    this.setDirtyCanvas?.(true, true);
+    if (!isObject(report)) return;
+    applyReport(this, report);
   });
-
-  if (!native) {
-    chain(node, "onDrawForeground", function (ctx) {
-      const state = this.__lightcache;
-      if (state && !this.flags?.collapsed) drawFallbackBadge(ctx, this, state);
-    });
-  }
 
   chain(node, "onRemoved", function () {
     trackedNodes.delete(this);
-    if (Array.isArray(this.badges) && this.__lightcacheBadgeFn) {
-      this.badges = this.badges.filter((b) => b !== this.__lightcacheBadgeFn);
-    }
     this.__lightcache = null;
   });
 }
@@ -370,9 +437,10 @@ app.registerExtension({
     // A new run: keep the last report visible, dimmed, until the new one arrives.
     api.addEventListener("execution_start", () => {
       for (const node of trackedNodes) {
-        if (node.__lightcache?.report) {
-          node.__lightcache.stale = true;
-          node.setDirtyCanvas?.(true, false);
+        const state = node.__lightcache;
+        if (state?.view && !state.stale) {
+          state.stale = true;
+          render(state);
         }
       }
     });
@@ -386,4 +454,5 @@ app.registerExtension({
 });
 
 // For tests and debugging in the browser console.
-window.__lightcache = { version: 1, extension: EXTENSION, codeColors: CODE_COLORS, codeNames: CODE_NAMES, trackedNodes };
+window.__lightcache = { version: 2, extension: EXTENSION, widgetName: REPORT_WIDGET, cssClass: CSS_CLASS,
+                        codeColors: CODE_COLORS, codeNames: CODE_NAMES, trackedNodes, samplerView, decodeView };
