@@ -316,6 +316,29 @@ def attention_materializes_scores(func, has_mask: bool = False) -> bool:
     return name == "attention_pytorch" and has_mask
 
 
+def forward_patch_names(*functions) -> frozenset:
+    """Every string constant in the code of these host functions (and the functions nested in them).
+
+    A forward that calls ``transformer_options["patches"][name]`` hooks names them as string
+    constants (newer Wan: ``"attn1_patch"``, ``"attn2_patch"``; Flux blocks: ``"attn1_output_patch"``).
+    Intersected with the keys of a call's ``patches``, this tells the chunking patches which hooks
+    the host would call there, without knowing any host's list.
+    """
+    names: set = set()
+    codes = [getattr(getattr(f, "__func__", f), "__code__", None) for f in functions]
+    while codes:
+        code = codes.pop()
+        if code is None:
+            continue
+        for const in code.co_consts:
+            if isinstance(const, str):
+                names.add(const)
+            elif hasattr(const, "co_consts"):
+                codes.append(const)
+    return frozenset(names)
+
+
+
 def wan_self_attention_parts(module: torch.nn.Module):
     """``(optimized_attention, apply_rope1)`` exactly as the host's Wan self-attention uses them.
 
