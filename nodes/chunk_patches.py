@@ -28,6 +28,29 @@ Exactness rules (see docs/ and the node description):
   module is only patched when ``compat.wan_self_attention_parts`` recognises the
   host's layout; otherwise it stays unpatched (logged) and attention is still
   query-chunked through the override.
+* whole transformer blocks (Wan ``WanAttentionBlock``, the HunyuanVideo/Flux
+  ``SingleStreamBlock``) run along tokens in two passes of the host's own block
+  forward: pass 1 runs each chunk up to its self-attention call, where the
+  attention override files the chunk's keys and values into full buffers and
+  stops the pass; pass 2 runs each chunk again, and its self-attention attends
+  to all keys and values. Everything else in those blocks (norms, modulation,
+  the fused ``linear1``/``linear2``, MLPs, cross-attention, residual adds) acts per
+  token, so the block holds its input, its output, the keys and the values at
+  full size and everything else at chunk size.
+
+Hooks: a forward that calls ``transformer_options["patches"]`` hooks (newer Wan
+``attn1_patch``/``attn2_patch``, Flux ``attn1_patch``/``attn1_output_patch``)
+expects them to see the whole sequence. Whenever a hook the host's forward
+consults is present, that module runs its original forward (chunked only inside,
+where it is still exact). Patches never touch ``transformer_options`` (the block
+loop's ``block_index``/``total_blocks``/``block_type`` stay as the host set them).
+
+Counters and clones: every :func:`install` has its own :class:`ChunkStats`
+(``stats_of(patcher)``). Clones of a chunk-patched model share the installed
+patch objects (immutable settings plus those lock-protected counters): on
+hosts that deep-copy ``model_options`` on ``clone()`` the objects return
+themselves from ``__deepcopy__``, and newer hosts share them anyway. A second
+Chunked Model Patch on a clone installs new objects and leaves the first alone.
 """
 from __future__ import annotations
 
@@ -52,7 +75,7 @@ NODE = "Chunked Model Patch"
 # ---------------------------------------------------------------- bookkeeping
 
 class ChunkStats:
-    """Counts of chunked executions per op kind (process-wide; tests and logs read it).
+    """Counts of chunked executions per op kind, one per installed patch (``stats_of(patcher)``).
 
     ``chunks[kind]`` adds the number of pieces each time an op really ran in more
     than one piece; ``calls[kind]`` counts every call that went through a patch.
@@ -77,10 +100,11 @@ class ChunkStats:
     def total_chunks(self) -> int:
         return sum(self.chunks.values())
 
+    def __deepcopy__(self, memo):  # shared by the clones of one patched model (see the module doc)
+        return self
 
-STATS = ChunkStats()
 
-_LOCAL = threading.local()  # .depth > 0 while a chunked module runs its pieces
+_LOCAL = threading.local()  # .depth > 0 while a chunked module runs its pieces; .block: a block pass
 
 
 class _Inside:
@@ -97,6 +121,19 @@ def _inside() -> bool:
     return getattr(_LOCAL, "depth", 0) > 0
 
 
+def _block_pass():
+    """The :class:`_BlockPass` of the chunked block running on this thread (None outside one)."""
+    return getattr(_LOCAL, "block", None)
+
+
+def _hooks_present(transformer_options, names: frozenset) -> bool:
+    """True when ``transformer_options["patches"]`` holds a hook that the host forward consults."""
+    if not names or not isinstance(transformer_options, dict):
+        return False
+    patches = transformer_options.get("patches")
+    return isinstance(patches, dict) and any(patches.get(name) for name in names)
+
+
 @dataclass(frozen=True)
 class ChunkSettings:
     """What the node asked for."""
@@ -106,6 +143,7 @@ class ChunkSettings:
     attention: bool = True
     resblocks: bool = True
     safety: float = 0.5
+    blocks: bool = True  # whole DiT blocks along tokens (needs ffn and attention); False: per-op chunks only
 
 
 @dataclass
@@ -114,10 +152,21 @@ class Planner:
 
     settings: ChunkSettings
     patcher_ref: object = None  # weakref to the ModelPatcher (free-memory source)
+    stats: ChunkStats = field(default_factory=ChunkStats)  # this install's counters
     _logged: set = field(default_factory=set)
+    _lock: object = field(default_factory=threading.Lock)
 
-    def __deepcopy__(self, memo):  # model_options are deep-copied on clone in 0.3.x
+    def __deepcopy__(self, memo):  # hosts that deep-copy model_options on clone: share, never copy
         return self
+
+    def note(self, key, text: str) -> None:
+        """Log ``text`` once per ``key``."""
+        with self._lock:
+            first = key not in self._logged and len(self._logged) < 256
+            if first:
+                self._logged.add(key)
+        if first:
+            log.info("[LightCache] %s: %s", NODE, text)
 
     def rows(self, kind: str, total: int, bytes_per_row: int, device: torch.device) -> int:
         policy = self.settings.policy
@@ -129,8 +178,11 @@ class Planner:
             free = compat.free_memory_bytes(device, patcher)
         rows = plan_chunk_rows(total, max(int(bytes_per_row), 1), policy, free_bytes=free, safety=self.settings.safety)
         key = (kind, total, rows)
-        if key not in self._logged and len(self._logged) < 256:
-            self._logged.add(key)
+        with self._lock:
+            first = key not in self._logged and len(self._logged) < 256
+            if first:
+                self._logged.add(key)
+        if first:
             n = math.ceil(total / rows)
             if policy.mode == "auto":
                 budget = policy.budget_bytes or int(max(free or 0, 0) * self.settings.safety)
@@ -166,19 +218,19 @@ class ChunkedRowwise(_Patch):
         self.hidden = max(int(hidden), 1)  # widest intermediate width
 
     def __call__(self, x, *args, **kwargs):
-        if args or kwargs or not isinstance(x, torch.Tensor) or x.dim() < 2:
-            return self.original(x, *args, **kwargs)
+        if args or kwargs or not isinstance(x, torch.Tensor) or x.dim() < 2 or _block_pass() is not None:
+            return self.original(x, *args, **kwargs)  # (a chunked block already bounds the rows)
         width = x.shape[-1]
         total = x.numel() // max(width, 1)
         # input row + widest intermediate twice (linear output and activation) + output row
         bpr = (2 * width + 2 * self.hidden) * _elem(x)
         rows = self.planner.rows(self.kind, total, bpr, x.device)
         if rows >= total:
-            STATS.record(self.kind, 1)
+            self.planner.stats.record(self.kind, 1)
             return self.original(x)
         flat = x.reshape(total, width)
         out = run_chunked(self.original, flat, 0, rows)
-        STATS.record(self.kind, math.ceil(total / rows))
+        self.planner.stats.record(self.kind, math.ceil(total / rows))
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -199,16 +251,16 @@ class ChunkedTokens(_Patch):
         self.bytes_per_row = bytes_per_row  # callable(x, args, kwargs) -> int
 
     def __call__(self, x, *args, **kwargs):
-        if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or _block_pass() is not None:
             return self.original(x, *args, **kwargs)
         total = x.shape[1]
         rows = self.planner.rows(self.kind, total, self.bytes_per_row(x, args, kwargs), x.device)
         if rows >= total:
-            STATS.record(self.kind, 1)
+            self.planner.stats.record(self.kind, 1)
             return self.original(x, *args, **kwargs)
         with _Inside():
             out = run_chunked(lambda xc: self.original(xc, *args, **kwargs), x, 1, rows)
-        STATS.record(self.kind, math.ceil(total / rows))
+        self.planner.stats.record(self.kind, math.ceil(total / rows))
         return out
 
 
@@ -235,7 +287,7 @@ class ChunkedSamples(_Patch):
         bpr = int(x[0].numel() * _elem(x) * self.width_factor)
         rows = self.planner.rows(self.kind, total, bpr, x.device)
         if rows >= total:
-            STATS.record(self.kind, 1)
+            self.planner.stats.record(self.kind, 1)
             return self.original(x, *args, **kwargs)
         split = [isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == total for a in args]
         out = None
@@ -246,7 +298,7 @@ class ChunkedSamples(_Patch):
                 out = torch.empty((total, *result.shape[1:]), dtype=result.dtype, device=result.device)
             out.narrow(0, start, length).copy_(result)
             del result, chunk_args
-        STATS.record(self.kind, math.ceil(total / rows))
+        self.planner.stats.record(self.kind, math.ceil(total / rows))
         return out
 
 
@@ -276,6 +328,12 @@ class ChunkedAttention(_Patch):
         return func(q, k, v, heads, *args, **kwargs)
 
     def __call__(self, func, q, k, v, heads, *args, **kwargs):
+        block = _block_pass()
+        if block is not None:
+            if not block.used:  # the block's self-attention: file or use the full keys and values
+                block.used = True
+                return block.attention(self, func, q, k, v, heads, args, kwargs)
+            return self._call(func, q, k, v, heads, args, kwargs)  # later calls (cross-attention) on the chunk
         if _inside() or len(args) > 1 or not isinstance(q, torch.Tensor):
             return self._call(func, q, k, v, heads, args, kwargs)
         mask_positional = len(args) == 1
@@ -299,7 +357,7 @@ class ChunkedAttention(_Patch):
         label = f"attention[{'queries' if dim else 'batch'}]"
         rows = self.planner.rows(label, total, bpr, q.device)
         if rows >= total:
-            STATS.record(label, 1)
+            self.planner.stats.record(label, 1)
             return self._call(func, q, k, v, heads, args, kwargs)
         mask_dim = None
         if mask is not None:
@@ -344,7 +402,7 @@ class ChunkedAttention(_Patch):
                 out = torch.empty(shape, dtype=result.dtype, device=result.device)
             out.narrow(o_dim, start, length).copy_(result)
             del result, qc
-        STATS.record(label, math.ceil(total / rows))
+        self.planner.stats.record(label, math.ceil(total / rows))
         return out
 
 
@@ -363,16 +421,20 @@ class ChunkedWanSelfAttention(_Patch):
 
     kind = "wan_self_attention"
 
-    def __init__(self, module, original, planner: Planner, attention, rope) -> None:
+    def __init__(self, module, original, planner: Planner, attention, rope, hook_names: frozenset = frozenset()) -> None:
         self.module_ref = weakref.ref(module)
         self.original = original
         self.planner = planner
         self.attention = attention
         self.rope = rope
+        self.hook_names = hook_names  # patches the host's forward calls (newer Wan: attn1_patch)
 
     def __call__(self, x, freqs, transformer_options={}, *args, **kwargs):
         m = self.module_ref()
-        if m is None or args or kwargs or x.dim() != 3:
+        if (m is None or args or kwargs or x.dim() != 3 or _block_pass() is not None
+                or _hooks_present(transformer_options, self.hook_names)):
+            # hooks see the whole q/k/attention output, as the host gives them; a chunked block
+            # feeds the host's forward one chunk and files its keys/values through the override
             return self.original(x, freqs, transformer_options, *args, **kwargs)
         b, s = x.shape[:2]
         n, d = m.num_heads, m.head_dim
@@ -384,7 +446,7 @@ class ChunkedWanSelfAttention(_Patch):
         bpr = b * (n * d * (4 * e + 2 * 4) + n * s * score)
         rows = self.planner.rows(self.kind, s, bpr, x.device)
         if rows >= s:
-            STATS.record(self.kind, 1)
+            self.planner.stats.record(self.kind, 1)
             return self.original(x, freqs, transformer_options=transformer_options)
 
         def freq_rows(start, length):
@@ -431,7 +493,156 @@ class ChunkedWanSelfAttention(_Patch):
                     out = torch.empty((b, s, oc.shape[-1]), dtype=oc.dtype, device=oc.device)
                 out.narrow(1, start, length).copy_(oc)
                 del oc
-        STATS.record(self.kind, len(pieces))
+        self.planner.stats.record(self.kind, len(pieces))
+        return out
+
+
+# ---------------------------------------------------------------- whole blocks along tokens (two passes)
+
+class _Captured(Exception):
+    """Ends pass 1 of a chunk once its keys and values are filed."""
+
+
+class _Unchunkable(Exception):
+    """The block's self-attention does not look like this chunk's (another layout): run it whole."""
+
+
+class _BlockPass:
+    """What one chunk of a :class:`ChunkedBlock` pass tells the attention override (thread-local)."""
+
+    def __init__(self, capture: bool, start: int, length: int, total: int, buffers: dict) -> None:
+        self.capture = capture
+        self.start, self.length, self.total = start, length, total
+        self.buffers = buffers  # "k", "v", "dim": full keys/values along the token dim
+        self.used = False
+
+    def attention(self, override, func, q, k, v, heads, args, kwargs):
+        dim = 2 if kwargs.get("skip_reshape", False) else 1
+        if any(not isinstance(t, torch.Tensor) or t.dim() <= dim or t.shape[dim] != self.length for t in (q, k, v)):
+            raise _Unchunkable("self-attention is not over this chunk's tokens")
+        buf = self.buffers
+        if self.capture:
+            if "k" not in buf:
+                for name, t in (("k", k), ("v", v)):
+                    shape = list(t.shape)
+                    shape[dim] = self.total
+                    buf[name] = torch.empty(shape, dtype=t.dtype, device=t.device)
+                buf["dim"] = dim
+            if buf["dim"] != dim:
+                raise _Unchunkable("self-attention layout changed between chunks")
+            buf["k"].narrow(dim, self.start, self.length).copy_(k)
+            buf["v"].narrow(dim, self.start, self.length).copy_(v)
+            raise _Captured()
+        if buf.get("dim") != dim:
+            raise _Unchunkable("self-attention layout changed between passes")
+        del k, v
+        return override._call(func, q, buf["k"], buf["v"], heads, args, kwargs)
+
+
+class ChunkedBlock(_Patch):
+    """A transformer block's ``forward`` run along tokens, through the host's own forward, in two passes.
+
+    Valid for blocks whose only op across tokens is their first attention call (self-attention,
+    reached through ``optimized_attention`` and so through the attention override) and whose
+    other inputs are per token (sliced along ``token_dims``) or shared by all tokens (passed
+    whole). Pass 1 runs each chunk up to that call, files the chunk's keys and values (RoPE
+    applied by the host) into full buffers and stops; pass 2 runs each chunk through the whole
+    forward with the full keys and values. Falls back to the original forward for anything
+    else: other arguments, hooks the forward consults, masks with a key-sized query dim of
+    another length, a block that never reached the override.
+    """
+
+    def __init__(self, original, planner: Planner, kind: str, signature, token_dims: dict, shared: frozenset,
+                 hook_names: frozenset, bytes_per_row) -> None:
+        self.original = original
+        self.planner = planner
+        self.kind = kind
+        self.signature = signature  # inspect.Signature of the host forward, without self
+        # argument name -> its token dim: an int, "mask" (dim -2, whole when 1), or callable(tensor) -> int | None
+        self.token_dims = token_dims
+        self.shared = shared  # tensor arguments the same for every token (context, vec): passed whole
+        self.hook_names = hook_names
+        self.bytes_per_row = bytes_per_row  # callable(x, arguments) -> int
+
+    def _whole(self, args, kwargs):
+        return self.original(*args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        if _block_pass() is not None or _inside():
+            return self._whole(args, kwargs)
+        try:
+            bound = self.signature.bind(*args, **kwargs)
+        except TypeError:
+            return self._whole(args, kwargs)
+        arguments = bound.arguments
+        x = arguments.get("x")
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[1] <= 1:
+            return self._whole(args, kwargs)
+        opts = arguments.get("transformer_options", {})
+        if _hooks_present(opts, self.hook_names) or not isinstance(compat.get_attention_override({"transformer_options": opts}), ChunkedAttention):
+            return self._whole(args, kwargs)
+        total = x.shape[1]
+        sliced = {}  # name -> token dim to narrow
+        for name, value in arguments.items():
+            if name == "x" or name in self.shared or not isinstance(value, torch.Tensor):
+                continue
+            if name not in self.token_dims:  # an argument this patch does not know: never guess its layout
+                if total in value.shape:
+                    return self._whole(args, kwargs)
+                continue
+            dim = self.token_dims[name]
+            if dim == "mask":
+                dim = value.dim() - 2 if value.dim() >= 2 else None
+                if dim is None or value.shape[dim] == 1:
+                    continue  # broadcast over queries: whole
+            elif callable(dim):
+                dim = dim(value)
+            if dim is None:
+                continue
+            if dim < 0 or value.dim() <= dim or value.shape[dim] not in (1, total):
+                return self._whole(args, kwargs)
+            if value.shape[dim] == total:
+                sliced[name] = dim
+        rows = self.planner.rows(self.kind, total, self.bytes_per_row(x, arguments), x.device)
+        if rows >= total:
+            self.planner.stats.record(self.kind, 1)
+            return self._whole(args, kwargs)
+        pieces = list(balanced_pieces(total, rows))
+
+        def chunk_arguments(start, length):
+            chunk = dict(arguments)
+            chunk["x"] = x.narrow(1, start, length).contiguous()
+            for name, dim in sliced.items():
+                chunk[name] = arguments[name].narrow(dim, start, length)
+            return chunk
+
+        buffers: dict = {}
+        try:
+            for capture in (True, False):
+                out = None
+                for start, length in pieces:
+                    chunk = chunk_arguments(start, length)
+                    state = _BlockPass(capture, start, length, total, buffers)
+                    _LOCAL.block = state
+                    try:
+                        result = self.original(**chunk)
+                    except _Captured:
+                        continue
+                    finally:
+                        _LOCAL.block = None
+                    del chunk
+                    if capture or not state.used:
+                        raise _Unchunkable("the block never reached the attention override")
+                    if out is None:
+                        out = torch.empty((x.shape[0], total, *result.shape[2:]), dtype=result.dtype, device=result.device)
+                    out.narrow(1, start, length).copy_(result)
+                    del result
+        except _Unchunkable as why:
+            self.planner.note(("whole", self.kind, str(why)), f"{self.kind} runs whole ({why})")
+            del buffers
+            return self._whole(args, kwargs)
+        del buffers
+        self.planner.stats.record(self.kind, len(pieces))
         return out
 
 
@@ -443,6 +654,7 @@ class InstallReport:
     patched: Counter = field(default_factory=Counter)
     skipped: list = field(default_factory=list)
     attention_override: bool = False
+    stats: ChunkStats | None = None  # this install's counters (also ``stats_of(patcher)``)
 
     def summary(self) -> str:
         parts = [f"{k} x{v}" for k, v in sorted(self.patched.items())]
@@ -467,6 +679,7 @@ def _classes():
         "WanI2VCrossAttention": ("comfy.ldm.wan.model", "WanI2VCrossAttention"),
         "HunyuanVideo": ("comfy.ldm.hunyuan_video.model", "HunyuanVideo"),
         "DoubleStreamBlock": ("comfy.ldm.flux.layers", "DoubleStreamBlock"),
+        "SingleStreamBlock": ("comfy.ldm.flux.layers", "SingleStreamBlock"),
         "UNetModel": ("comfy.ldm.modules.diffusionmodules.openaimodel", "UNetModel"),
         "ResBlock": ("comfy.ldm.modules.diffusionmodules.openaimodel", "ResBlock"),
         "Upsample": ("comfy.ldm.modules.diffusionmodules.openaimodel", "Upsample"),
@@ -505,6 +718,70 @@ def _original(patcher, module: torch.nn.Module, path: str, attr: str):
     return types.MethodType(getattr(type(module), attr), module)
 
 
+def stats_of(patcher) -> ChunkStats | None:
+    """The counters of the Chunked Model Patch installed on ``patcher`` (or on the model it was cloned from).
+
+    The newest install wins when several are stacked; None when the model carries none.
+    """
+    override = compat.get_attention_override(getattr(patcher, "model_options", {}))
+    if isinstance(override, ChunkedAttention):
+        return override.planner.stats
+    for patch in reversed(list(getattr(patcher, "object_patches", {}).values())):
+        planner = getattr(patch, "planner", None) if isinstance(patch, _Patch) else None
+        if planner is not None:
+            return planner.stats
+    return None
+
+
+def _module_hook_names(module: torch.nn.Module) -> frozenset:
+    """``patches`` hook names the forwards of ``module`` and its sub-modules may call (host code, read once)."""
+    return compat.forward_patch_names(*{type(m).forward for m in module.modules()})
+
+
+def _wan_e_token_dim(e: torch.Tensor):
+    # [B, 6, C]: one modulation for every token; [B, L_e, 6, C]: per token when L_e matches
+    return 1 if e.dim() == 4 else None
+
+
+def _score_bytes(heads: int, total: int) -> int:
+    """Per query row: the fp32 score and softmax rows a materialising attention backend holds."""
+    import comfy.ldm.modules.attention as attention
+
+    return heads * total * 8 if compat.attention_materializes_scores(getattr(attention, "optimized_attention", None)) else 0
+
+
+def _wan_block_patch(module, original, planner: Planner) -> "ChunkedBlock":
+    import inspect
+
+    ffn = _ffn_hidden(module.ffn) if isinstance(getattr(module, "ffn", None), torch.nn.Module) else 4 * getattr(module, "dim", 1)
+    heads = getattr(module, "num_heads", 1)
+
+    def bpr(x, arguments):
+        width = x.shape[-1]
+        # norms, modulated inputs, q/k/v (+ fp32 RoPE), attention and projections, cross-attention, residual adds;
+        # the FFN intermediate twice
+        return (14 * width + 2 * ffn) * _elem(x) + 8 * width * 4 + _score_bytes(heads, x.shape[1])
+
+    return ChunkedBlock(original, planner, "wan_block", inspect.signature(original),
+                        {"freqs": 1, "e": _wan_e_token_dim}, frozenset({"context"}), _module_hook_names(module), bpr)
+
+
+def _single_block_patch(module, original, planner: Planner) -> "ChunkedBlock":
+    import inspect
+
+    mlp = int(getattr(module, "mlp_hidden_dim", 0) or 4 * getattr(module, "hidden_size", 1))
+    heads = getattr(module, "num_heads", 1)
+
+    def bpr(x, arguments):
+        width = x.shape[-1]
+        # fused linear1 output (qkv + mlp), q/k/v after norm (+ fp32 RoPE), attention, MLP activation, the
+        # concatenation fed to linear2, its output and the gated residual
+        return (9 * width + 3 * mlp) * _elem(x) + 8 * width * 4 + _score_bytes(heads, x.shape[1])
+
+    return ChunkedBlock(original, planner, "hunyuan_single_block", inspect.signature(original),
+                        {"pe": 2, "attn_mask": "mask"}, frozenset({"vec"}), _module_hook_names(module), bpr)
+
+
 def install(patcher, settings: ChunkSettings) -> InstallReport:
     """Add chunking object patches and the attention override to ``patcher`` (a clone)."""
     dm = patcher.model.diffusion_model
@@ -513,11 +790,14 @@ def install(patcher, settings: ChunkSettings) -> InstallReport:
         raise ValueError(
             f"{NODE}: input 'model' is a {type(dm).__name__} diffusion model, which this node does not know how to "
             f"chunk exactly. Supported: {SUPPORTED}. Remove the node from this workflow or feed it a supported model.")
-    report = InstallReport(family)
     planner = Planner(settings, weakref.ref(patcher))
+    report = InstallReport(family, stats=planner.stats)
     if settings.policy.mode == "off":
         return report
     c = _classes()
+    # Whole blocks along tokens need the attention override (it files keys and values) and chunk
+    # both the attention and the feed-forward, so they run when both are asked for.
+    blocks = settings.blocks and settings.ffn and settings.attention and compat.attention_override_supported()
 
     def add(path: str, attr: str, make, label: str):
         full = f"diffusion_model.{path}" if path else "diffusion_model"
@@ -527,6 +807,8 @@ def install(patcher, settings: ChunkSettings) -> InstallReport:
 
     for name, module in dm.named_modules():
         if family == "wan" and c["WanAttentionBlock"] is not None and isinstance(module, c["WanAttentionBlock"]):
+            if blocks and type(module) is c["WanAttentionBlock"]:  # subclasses (VACE, audio) take other inputs
+                add(name, "forward", lambda m, o: _wan_block_patch(m, o, planner), "block")
             ffn = getattr(module, "ffn", None)
             if settings.ffn and isinstance(ffn, torch.nn.Sequential):
                 hidden = _ffn_hidden(ffn)
@@ -536,7 +818,8 @@ def install(patcher, settings: ChunkSettings) -> InstallReport:
                 parts = compat.wan_self_attention_parts(sa) if sa is not None else None
                 if parts is not None:
                     add(f"{name}.self_attn", "forward",
-                        lambda m, o, p=parts: ChunkedWanSelfAttention(m, o, planner, p[0], p[1]), "self_attention")
+                        lambda m, o, p=parts: ChunkedWanSelfAttention(m, o, planner, p[0], p[1], _module_hook_names(m)),
+                        "self_attention")
                 elif sa is not None:
                     report.skipped.append(f"{name}.self_attn ({type(sa).__name__}: layout not recognised)")
                 ca = getattr(module, "cross_attn", None)
@@ -549,6 +832,9 @@ def install(patcher, settings: ChunkSettings) -> InstallReport:
                         lambda m, o: ChunkedTokens(o, planner, "wan_cross_attention", ca_bpr), "cross_attention")
                 elif ca is not None:
                     report.skipped.append(f"{name}.cross_attn ({type(ca).__name__})")
+        elif (family == "hunyuan_video" and blocks and c["SingleStreamBlock"] is not None
+              and type(module) is c["SingleStreamBlock"]):
+            add(name, "forward", lambda m, o: _single_block_patch(m, o, planner), "single_block")
         elif family == "hunyuan_video" and c["DoubleStreamBlock"] is not None and isinstance(module, c["DoubleStreamBlock"]):
             if settings.ffn:
                 for sub in ("img_mlp", "txt_mlp"):

@@ -1,7 +1,9 @@
-"""Chunked Model Patch: exact chunking per family, LoRA, auto sizing, and chunking under LightCache caching.
+"""Chunked Model Patch: exact chunking per family, LoRA, auto sizing, chunking under LightCache caching,
+hooks other packs add (``attn1_patch``, ``attn2_patch``, post-block patches) and clones.
 
 Tolerance: fp32 on CPU, relative max |patched - unpatched| / max |unpatched| <= 1e-5
 (observed: bitwise equal or ~1e-7; chunking changes only how BLAS blocks rows).
+Counters are read from the patched model (``chunk_patches.stats_of``), never from a global.
 """
 from __future__ import annotations
 
@@ -22,6 +24,17 @@ def chunk_module():
     return next(m for n, m in sys.modules.items() if n.endswith("nodes.chunk_patches"))
 
 
+def _testing_pack():
+    return next(m for n, m in sys.modules.items() if n.endswith("lightcache_testing"))
+
+
+def stats(result, node_id):
+    """The counters of the Chunked Model Patch that node ``node_id`` output (or that its model was cloned from)."""
+    found = chunk_module().stats_of(result.output(node_id))
+    assert found is not None, f"node {node_id}'s model carries no Chunked Model Patch"
+    return found
+
+
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
@@ -30,13 +43,14 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 FAMILIES = {
     "wan": (("UNETLoader", {"unet_name": fixtures.WAN_T2V.name, "weight_dtype": "default"}), "wan",
             ("EmptyHunyuanLatentVideo", {"width": 64, "height": 64, "length": 9, "batch_size": 1}),
-            {"wan_ffn", "wan_self_attention", "wan_cross_attention"}),
+            {"wan_block"}),  # whole blocks along tokens (norms, modulation, attention, FFN, residuals)
     "wan_i2v": (("UNETLoader", {"unet_name": fixtures.WAN_I2V.name, "weight_dtype": "default"}), "wan_i2v",
                 ("EmptyHunyuanLatentVideo", {"width": 64, "height": 64, "length": 9, "batch_size": 1}),
-                {"wan_ffn", "wan_self_attention", "wan_cross_attention"}),
+                {"wan_block"}),
     "hunyuan_video": (("UNETLoader", {"unet_name": fixtures.HUNYUAN.name, "weight_dtype": "default"}), "hunyuan_video",
                       ("EmptyHunyuanLatentVideo", {"width": 64, "height": 64, "length": 5, "batch_size": 1}),
-                      {"hunyuan_mlp", "attention[queries]"}),
+                      # double blocks: MLPs and joint attention; single blocks whole (fused linear1/linear2)
+                      {"hunyuan_mlp", "attention[queries]", "hunyuan_single_block"}),
     "sd15": (("LightCacheTestUNetLoader", {"unet_name": fixtures.SD15_UNET.name, "family": "SD15"}), "sd15",
              ("EmptyLatentImage", {"width": 32, "height": 32, "batch_size": 2}),
              {"unet_ff", "unet_resblock", "unet_upsample", "attention[queries]"}),
@@ -53,8 +67,12 @@ def family_graph(family: str, patches: list, steps: int, sampler: str = "KSample
     g = Graph()
     model = g.add(loader[0], **loader[1])
     m = out(model)
+    ids = {}
     for class_type, inputs in (pre or []) + patches:
         m = out(g.add(class_type, model=m, **inputs))
+        ids[class_type] = m[0]
+    ids["model"] = m[0]  # the node whose MODEL the sampler gets
+    family_graph.ids = ids
     cond = g.add("LightCacheTestConditioning", family=cond_family, seed=3, prompt_index=0,
                  width=latent[1]["width"], height=latent[1]["height"],
                  length=latent[1].get("length", 4))
@@ -64,22 +82,26 @@ def family_graph(family: str, patches: list, steps: int, sampler: str = "KSample
     return g.prompt(), ks
 
 
-def sample(runner, family, patches, steps, **kw) -> torch.Tensor:
+def run_sample(runner, family, patches, steps, **kw):
+    """(samples, run result, node ids: each patch's class_type -> its (last) id, "model" -> the sampled model's)."""
     prompt, ks = family_graph(family, patches, steps, **kw)
+    ids = family_graph.ids
     res = runner.run(prompt)
     s = res.output(ks)
-    return (s[0] if isinstance(s, (list, tuple)) else s)["samples"]
+    return (s[0] if isinstance(s, (list, tuple)) else s)["samples"], res, ids
+
+
+def sample(runner, family, patches, steps, **kw) -> torch.Tensor:
+    return run_sample(runner, family, patches, steps, **kw)[0]
 
 
 @pytest.mark.parametrize("steps", [1, 2], ids=["one_call", "sampling"])
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_patched_equals_unpatched(runner, family, steps):
     """steps=1 with euler returns the model's (CFG-combined) denoised prediction of one batched call."""
-    stats = chunk_module().STATS
     ref = sample(runner, family, [], steps)
-    stats.reset()
-    got = sample(runner, family, [("ChunkedModelPatch", COUNT)], steps)
-    kinds = {k for k, v in stats.chunks.items() if v}
+    got, res, ids = run_sample(runner, family, [("ChunkedModelPatch", COUNT)], steps)
+    kinds = {k for k, v in stats(res, ids["ChunkedModelPatch"]).chunks.items() if v}
     expected = FAMILIES[family][3]
     assert expected <= kinds, f"chunked ops {kinds}, expected at least {expected}"
     assert got.shape == ref.shape
@@ -116,11 +138,9 @@ def test_lora_patched_weights(runner, models_dir, lora_first):
         _LORA_REF["ref"] = sample(runner, "wan", [lora], 3)
         assert rel_diff(_LORA_REF["ref"], plain) > 1e-3, "the LoRA must change the output (else this test proves nothing)"
     ref = _LORA_REF["ref"]
-    stats = chunk_module().STATS
-    stats.reset()
     chunk = ("ChunkedModelPatch", COUNT)
-    got = sample(runner, "wan", [lora, chunk] if lora_first else [chunk, lora], 3)
-    assert stats.chunks["wan_ffn"] > 0
+    got, res, ids = run_sample(runner, "wan", [lora, chunk] if lora_first else [chunk, lora], 3)
+    assert stats(res, ids["ChunkedModelPatch"]).chunks["wan_block"] > 0
     assert rel_diff(got, ref) <= RTOL
 
 
@@ -144,7 +164,6 @@ def test_chunking_active_in_computed_steps_of_cached_run(runner, order):
     reason = _lightcache_available()
     if reason:
         pytest.skip(reason)
-    stats = chunk_module().STATS
     steps, blocks = 8, 2  # the tiny Wan fixture has 2 blocks
     chunk = ("ChunkedModelPatch", COUNT)
     lc_patch = ("LightCacheModelPatch", CACHE)
@@ -154,23 +173,21 @@ def test_chunking_active_in_computed_steps_of_cached_run(runner, order):
     else:
         kw = {}
         patches = [chunk, lc_patch] if order == "chunk_then_lightcache_patch" else [lc_patch, chunk]
-    stats.reset()
-    sample(runner, "wan", patches, steps, **kw)
-    ffn_calls = stats.calls["wan_ffn"]
-    assert ffn_calls > 0, "no computed step ran the chunked feed-forward: chunking is inactive under caching"
-    # every block FFN call that ran was chunked into 3 pieces (COUNT) ...
-    assert stats.chunks["wan_ffn"] == 3 * ffn_calls
-    assert stats.chunks["wan_self_attention"] == 3 * stats.calls["wan_self_attention"] > 0
+    _, res, ids = run_sample(runner, "wan", patches, steps, **kw)
+    counts = stats(res, ids["ChunkedModelPatch"])
+    block_calls = counts.calls["wan_block"]
+    assert block_calls > 0, "no computed step ran a chunked block: chunking is inactive under caching"
+    # every block call that ran was chunked into 3 pieces (COUNT) ...
+    assert counts.chunks["wan_block"] == 3 * block_calls
     # ... and caching really skipped work: fewer block evaluations than an uncached run (steps x 2 blocks)
-    assert ffn_calls < steps * blocks, f"{ffn_calls} block FFN calls: nothing was reused, so the test proves nothing"
+    assert block_calls < steps * blocks, f"{block_calls} block calls: nothing was reused, so the test proves nothing"
 
 
 def test_auto_mode_without_pressure_leaves_tiny_model_whole(runner):
-    stats = chunk_module().STATS
     ref = sample(runner, "wan", [], 2)
-    stats.reset()
-    got = sample(runner, "wan", [("ChunkedModelPatch", {**COUNT, "mode": "auto"})], 2)
-    assert stats.calls["wan_ffn"] > 0 and stats.total_chunks() == 0, "the tiny model fits free memory: auto must not chunk"
+    got, res, ids = run_sample(runner, "wan", [("ChunkedModelPatch", {**COUNT, "mode": "auto"})], 2)
+    counts = stats(res, ids["ChunkedModelPatch"])
+    assert counts.calls["wan_block"] > 0 and counts.total_chunks() == 0, "the tiny model fits free memory: auto must not chunk"
     assert rel_diff(got, ref) <= RTOL
 
 
@@ -246,8 +263,84 @@ def test_attention_override_is_exact(comfy_host, backend, layout):
     if layout == "masked_queries":
         kwargs["mask"] = torch.randn(b, lq, lk, generator=gen)
     ref = func(q, k, v, heads, **kwargs)
-    cp.STATS.reset()
     got = override(func, q, k, v, heads, **kwargs)
-    assert cp.STATS.total_chunks() == 3
+    assert override.planner.stats.total_chunks() == 3
     assert got.shape == ref.shape
     assert rel_diff(got, ref) <= RTOL
+
+
+# ---------------------------------------------------------------- hooks other packs add, and clones
+
+HOOKS = ["attn1_patch", "attn2_patch", "double_block"]
+
+
+@pytest.mark.parametrize("chunk_first", [False, True], ids=["hook_then_chunk", "chunk_then_hook"])
+@pytest.mark.parametrize("hook", HOOKS)
+def test_block_hooks_called_as_the_host_calls_them(runner, hook, chunk_first):
+    """A hook the host's Wan code calls (newer hosts: attn1_patch in self-attention, attn2_patch and
+    post-block patches in the block loop) sees the same tensors, as often, with the same block keys,
+    whether or not the model is chunk-patched; and the output is unchanged."""
+    calls = _testing_pack().HOOK_CALLS
+    hook_node = ("LightCacheTestBlockHooks", {"hook": hook, "tag": f"ref-{hook}"})
+    ref = sample(runner, "wan", [hook_node], 2)
+    ref_calls = calls.pop(f"ref-{hook}", [])
+    if not ref_calls:
+        pytest.skip(f"this host's Wan never calls {hook!r} hooks")
+    hook_node = ("LightCacheTestBlockHooks", {"hook": hook, "tag": f"got-{hook}"})
+    chunk = ("ChunkedModelPatch", COUNT)
+    got, res, ids = run_sample(runner, "wan", [chunk, hook_node] if chunk_first else [hook_node, chunk], 2)
+    got_calls = calls.pop(f"got-{hook}", [])
+    assert got_calls == ref_calls, f"{hook} calls differ under Chunked Model Patch:\n{got_calls}\nvs\n{ref_calls}"
+    assert rel_diff(got, ref) <= RTOL, f"{hook}: relative diff {rel_diff(got, ref):.3e}"
+    assert stats(res, ids["ChunkedModelPatch"]).total_chunks() > 0, "nothing was chunked, so the test proves nothing"
+    assert all(c[1] is not None and c[2] == 2 for c in got_calls), f"block keys missing in {got_calls}"
+
+
+def test_block_chunks_when_no_hook_is_present_and_runs_whole_when_one_is(runner):
+    """The chunked block is the default; a hook the block consults makes it run whole (and the
+    modules inside it chunk themselves where still exact)."""
+    _, res, ids = run_sample(runner, "wan", [("ChunkedModelPatch", COUNT)], 1)
+    plain = stats(res, ids["ChunkedModelPatch"])
+    assert plain.chunks["wan_block"] == 3 * plain.calls["wan_block"] > 0
+    hook_node = ("LightCacheTestBlockHooks", {"hook": "attn2_patch", "tag": "whole"})
+    _, res, ids = run_sample(runner, "wan", [("ChunkedModelPatch", COUNT), hook_node], 1)
+    called = _testing_pack().HOOK_CALLS.pop("whole", [])
+    hooked = stats(res, ids["ChunkedModelPatch"])
+    if not called:
+        pytest.skip("this host's Wan blocks never call attn2_patch hooks")
+    assert hooked.chunks["wan_block"] == 0 and hooked.calls["wan_block"] == 0
+    assert hooked.chunks["wan_ffn"] == 3 * hooked.calls["wan_ffn"] > 0
+
+
+def test_clones_of_a_chunk_patched_model_share_nothing_mutable(runner):
+    """A second Chunked Model Patch, a hook and a sampler on clones leave the first patched model as it
+    was: its options, object patches and counters; and each install counts only its own chunks."""
+    g = Graph()
+    loader, cond_family, latent, _ = FAMILIES["wan"]
+    model = g.add(loader[0], **loader[1])
+    first = g.add("ChunkedModelPatch", model=out(model), **COUNT)
+    second = g.add("ChunkedModelPatch", model=out(first), **{**COUNT, "chunks": 2})
+    hooked = g.add("LightCacheTestBlockHooks", model=out(first), hook="attn2_patch", tag="clone")
+    cond = g.add("LightCacheTestConditioning", family=cond_family, seed=3, prompt_index=0, width=64, height=64, length=9)
+    lat = g.add(latent[0], **latent[1])
+    samplers = {}
+    for name, node in (("first", first), ("second", second), ("hooked", hooked)):
+        samplers[name] = g.add("KSampler", model=out(node), positive=out(cond, 0), negative=out(cond, 1),
+                               latent_image=out(lat), **{**graphs.KSAMPLER_DEFAULTS, "steps": 1})
+    res = runner.run(g.prompt())
+    _testing_pack().HOOK_CALLS.pop("clone", None)
+    a, b, h = res.output(first), res.output(second), res.output(hooked)
+    a_opts = a.model_options.get("transformer_options", {})
+    assert a_opts is not b.model_options.get("transformer_options") and a_opts is not h.model_options.get("transformer_options")
+    assert "patches" not in a_opts, "a hook added to a clone reached the original model"
+    assert a_opts["optimized_attention_override"] is not b.model_options["transformer_options"]["optimized_attention_override"]
+    assert not set(map(id, a.object_patches.values())) & set(map(id, b.object_patches.values()))
+    sa, sb = stats(res, first), stats(res, second)
+    assert sa is not sb
+    # first and hooked (a clone of first, same install) ran 3-piece chunks; second ran 2-piece ones
+    assert sa.chunks["wan_block"] == 3 * sa.calls["wan_block"] > 0
+    assert sb.chunks["wan_block"] == 2 * sb.calls["wan_block"] > 0
+    assert stats(res, hooked) is sa
+    ref = sample(runner, "wan", [("ChunkedModelPatch", COUNT)], 1)
+    first_out = res.output(samplers["first"])["samples"]
+    assert torch.equal(first_out, ref), "sampling clones changed what the first patched model computes"

@@ -110,7 +110,59 @@ class LightCacheTestUNetLoader:
         return (patcher,)
 
 
+# tag -> list of (hook, block_index, total_blocks, block_type, token count) each time a test hook ran
+HOOK_CALLS: dict = {}
+HOOKS = ["attn1_patch", "attn2_patch", "double_block"]
+
+
+class LightCacheTestBlockHooks:
+    """Adds a ``transformer_options["patches"]`` hook the way other packs do (MultiTalk's ``attn1_patch``,
+    ``attn2_patch``, post-block ``double_block`` patches): each call is recorded under ``tag`` with the
+    block keys the host's loop set, and changes the tensor it returns, so a run that skipped or
+    reordered a hook gives another output."""
+
+    CATEGORY = "_for_testing/lightcache"
+    FUNCTION = "patch"
+    RETURN_TYPES = ("MODEL",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The model to add the hook to (cloned)."}),
+            "hook": (HOOKS, {"tooltip": "Which patches list the hook goes in."}),
+            "tag": ("STRING", {"default": "hooks", "tooltip": "Key of HOOK_CALLS the calls are recorded under."}),
+        }}
+
+    def patch(self, model, hook, tag):
+        calls = HOOK_CALLS.setdefault(tag, [])
+
+        def record(opts, tokens):
+            calls.append((hook, opts.get("block_index"), opts.get("total_blocks"), opts.get("block_type"), tokens))
+
+        def attn1(args, *rest, **kwargs):
+            if isinstance(args, dict):  # Wan: {"x": attention output, "q", "k", "transformer_options"} -> x
+                record(args["transformer_options"], args["x"].shape[1])
+                return args["x"] * 1.5 + args["q"].flatten(2).mean() * 0.1 + args["k"].flatten(2).mean() * 0.1
+            return {}  # other attn1_patch signatures: leave them alone
+
+        def attn2(args, *rest, **kwargs):
+            if isinstance(args, dict):  # Wan block: {"x": x after cross-attention, "transformer_options"} -> x
+                record(args["transformer_options"], args["x"].shape[1])
+                return args["x"] * 0.75 + args["x"].mean(dim=1, keepdim=True) * 0.25
+            return args
+
+        def post_block(args):  # {"img": block output, "x": model input, "vec", "block_index", ...} -> {"img"}
+            opts = dict(args["transformer_options"], block_index=args.get("block_index"))
+            record(opts, args["img"].shape[1])
+            return {**args, "img": args["img"] - 0.25 * args["img"].mean(dim=1, keepdim=True)}
+
+        m = model.clone()
+        m.set_model_patch({"attn1_patch": attn1, "attn2_patch": attn2, "double_block": post_block}[hook], hook)
+        return (m,)
+
+
 NODE_CLASS_MAPPINGS = {
     "LightCacheTestConditioning": LightCacheTestConditioning,
     "LightCacheTestUNetLoader": LightCacheTestUNetLoader,
+    "LightCacheTestBlockHooks": LightCacheTestBlockHooks,
 }
