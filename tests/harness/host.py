@@ -229,6 +229,8 @@ def custom_nodes_dir(include_test_pack: bool = True) -> Path:
     links = {PACK_NAME: REPO}
     if include_test_pack:
         links[TEST_PACK_NAME] = TEST_PACK_SRC
+        from .third_party import custom_node_links  # third-party packs from ../shared/third_party, when present
+        links.update(custom_node_links(folder))
     for name, target in links.items():
         link = folder / name
         if link.is_symlink() and link.resolve() == target.resolve():

@@ -17,7 +17,7 @@ import copy
 import json
 from pathlib import Path
 
-from . import fixtures
+from . import fixtures, motion_modules
 
 FRONTEND_ONLY_NODES = {"Note", "MarkdownNote", "PrimitiveNode", "Reroute"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
@@ -26,7 +26,8 @@ WORKFLOWS_DIR = Path(__file__).resolve().parents[2] / "workflows"
 
 # Nodes of other packs that a bundled workflow uses (AnimateDiff-Evolved). Their
 # definitions are written down here so a workflow can be generated and read
-# without that pack installed; tests that need them to execute are skipped.
+# without that pack installed. Tests load the real pack from ../shared/third_party
+# (harness/third_party.py) and skip the runs that need it only when it is absent.
 EXTERNAL_NODES = {
     "ADE_LoadAnimateDiffModel": {"inputs": [("model_name", (["animatediff_lightning_8step_comfyui.safetensors"], {}))],
                                  "outputs": [("MOTION_MODEL", "MOTION_MODEL_ADE")]},
@@ -175,10 +176,17 @@ def load(name: str) -> dict:
 
 TEXT_ENCODE = {"CLIPTextEncode"}
 DROP = {"CLIPLoader", "DualCLIPLoader", "CLIPVisionLoader", "CLIPVisionEncode", "LoadImage", "VAELoader"}
-REPLACED = {"ImageOnlyCheckpointLoader", "SVD_img2vid_Conditioning", "Wan22ImageToVideoLatent"}
+REPLACED = {"ImageOnlyCheckpointLoader", "SVD_img2vid_Conditioning", "Wan22ImageToVideoLatent", "CheckpointLoaderSimple"}
 MODEL_FILES = {
     "wan": fixtures.WAN_T2V.name, "wan_i2v": fixtures.WAN_I2V.name, "hunyuan_video": fixtures.HUNYUAN.name,
     "trained_wan": fixtures.TRAINED_WAN_LINK.name,
+}
+# AnimateDiff on SD1.5 (needs ComfyUI-AnimateDiff-Evolved): family -> (SD1.5 UNet, its motion module, the
+# conditioning family, beta schedule). "animatediff" keeps the workflow's AnimateDiff schedule; the trained
+# fixture was trained with SD1.5's own schedule, so "trained_animatediff" uses that ("use existing").
+ANIMATEDIFF = {
+    "animatediff": (fixtures.SD15_UNET.name, motion_modules.MOTION.name, "sd15", None),
+    "trained_animatediff": (fixtures.TRAINED_SD15_LINK.name, motion_modules.MOTION_TRAINED.name, "trained_sd15", "use existing"),
 }
 
 
@@ -200,11 +208,18 @@ def adapt_for_fixtures(prompt: dict, family: str, *, width: int = 64, height: in
     * SVD's checkpoint loader and image conditioning -> the test UNet loader,
       the SD VAE, the test conditioning and an empty latent of ``length`` frames;
     * Wan 2.2's image-to-video latent -> an empty Wan latent;
+    * AnimateDiff (``animatediff``/``trained_animatediff``): the SD1.5 checkpoint loader -> the test
+      UNet loader (tiny SD1.5 UNet) and the SD VAE; ``ADE_LoadAnimateDiffModel`` -> the test-only
+      ``LightCacheTestMotionModelLoader`` with the UNet's tiny motion module (AnimateDiff-Evolved's
+      loader builds SD1.5-sized modules only; see tests/harness/ade_testing_pack); the latent batch
+      (the frames) -> ``length``;
     * text/vision encoder loaders and image loaders are removed once unused;
     * latent sizes, lengths and step counts shrink.
     """
     prompt = copy.deepcopy(prompt)
-    vae = vae or (fixtures.SD_VAE.name if family == "svd" else fixtures.WAN_VAE.name)
+    animatediff = ANIMATEDIFF.get(family)
+    vae = vae or (fixtures.SD_VAE.name if family == "svd" or animatediff else fixtures.WAN_VAE.name)
+    cond_family = animatediff[2] if animatediff else family
     next_id = max(int(k) for k in prompt) + 1
 
     def add(class_type: str, **inputs) -> str:
@@ -221,7 +236,9 @@ def adapt_for_fixtures(prompt: dict, family: str, *, width: int = 64, height: in
             inputs["vae_name"] = vae
         elif ct in TEXT_ENCODE:
             prompt[node_id] = {"class_type": "LightCacheTestConditioning",
-                               "inputs": {"family": family, "seed": index, "prompt_index": prompt_index, "width": width, "height": height, "length": length}}
+                               "inputs": {"family": cond_family, "seed": index, "prompt_index": prompt_index, "width": width, "height": height, "length": length}}
+        elif ct == "EmptyLatentImage" and animatediff:  # AnimateDiff: the batch is the frames
+            inputs.update(width=width, height=height, batch_size=length)
         elif ct in ("EmptyHunyuanLatentVideo", "EmptyLatentImage", "EmptyWanLatentVideo"):
             inputs.update({k: v for k, v in dict(width=width, height=height, length=length).items() if k in inputs})
         elif ct == "Wan22ImageToVideoLatent":
@@ -229,6 +246,13 @@ def adapt_for_fixtures(prompt: dict, family: str, *, width: int = 64, height: in
         elif ct == "ImageOnlyCheckpointLoader":
             unet = add("LightCacheTestUNetLoader", unet_name=fixtures.SVD_UNET.name, family="SVD_img2vid")
             _rewire(prompt, node_id, {0: [unet, 0], 2: [add("VAELoader", vae_name=vae), 0]})
+        elif ct == "CheckpointLoaderSimple" and animatediff:
+            unet = add("LightCacheTestUNetLoader", unet_name=animatediff[0], family="SD15")
+            _rewire(prompt, node_id, {0: [unet, 0], 2: [add("VAELoader", vae_name=vae), 0]})
+        elif ct == "ADE_LoadAnimateDiffModel" and animatediff:
+            prompt[node_id] = {"class_type": "LightCacheTestMotionModelLoader", "inputs": {"model_name": animatediff[1]}}
+        elif ct == "ADE_UseEvolvedSampling" and animatediff and animatediff[3]:
+            inputs["beta_schedule"] = animatediff[3]
         elif ct == "SVD_img2vid_Conditioning":
             cond = add("LightCacheTestConditioning", family="svd", seed=index, prompt_index=0, width=width, height=height, length=length)
             latent = add("EmptyLatentImage", width=width, height=height, batch_size=length)
