@@ -18,7 +18,7 @@ HOST   ?= $(or $(LIGHTCACHE_HOST),0.3.75)
 # One host's environment: its name, and its package overlay (pip --target of its own pins) first on PYTHONPATH.
 HOST_ENV = LIGHTCACHE_HOST=$(HOST) PYTHONPATH=$$($(PY) tests/harness/host.py pythonpath $(HOST))
 
-.PHONY: test test-host demo bench host venv clean-cache browser
+.PHONY: test test-host demo bench host venv clean-cache browser memplan gpu-check
 
 venv: $(STAMP)
 
@@ -56,6 +56,16 @@ demo: host
 bench: host
 	$(HOST_ENV) LIGHTCACHE_BENCH_OUT=$(or $(LIGHTCACHE_BENCH_OUT),out/bench$(if $(filter-out 0.3.75,$(HOST)),-$(HOST))) \
 	  $(PY) tests/bench/run.py $(BENCH)
+
+# Peak device memory at real size, TRACED (fake tensors, no GPU): out/memplan.json and .md, plus the
+# tiny-size CPU validation. MEMPLAN_ARGS e.g. "--only 14B --device-gib 80".
+memplan: host
+	$(HOST_ENV) $(PY) tests/memplan/run.py --validate $(MEMPLAN_ARGS)
+
+# On a CUDA machine: peaks, times and stream overlap of every configuration, the CUDA unit tests, and the
+# comparison with memplan's trace -> out/gpu_check/. DRY=1 runs the same script at tiny size on the CPU.
+gpu-check: host
+	$(HOST_ENV) $(PY) tests/gpu_check.py $(if $(DRY),--dry) $(GPU_CHECK_ARGS)
 
 clean-cache:
 	rm -rf .cache/models .cache/custom_nodes .cache/pypath out
