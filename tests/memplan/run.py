@@ -77,9 +77,14 @@ def host_label() -> str:
 
 # ---------------------------------------------------------------- DiT traces
 
-def trace_dit(spec_name: str, width: int, height: int, frames: int, device_bytes: int,
+def trace_dit(spec_name: str, width: int, height: int, frames: int, device_bytes: int | None,
               configs: list[str] | None = None) -> list[dict]:
-    """Rows for one DiT at one size (see the module docstring for what is traced and what is accounted)."""
+    """Rows for one DiT at one size (see the module docstring for what is traced and what is accounted).
+
+    ``device_bytes`` None traces on the (fake) CPU instead of a pretend GPU, in float32, the way a CPU run of
+    the same code behaves (``make gpu-check DRY=1`` compares with that): cache entries placed on the host are
+    then device memory too.
+    """
     import torch
 
     from memplan import drive
@@ -90,11 +95,13 @@ def trace_dit(spec_name: str, width: int, height: int, frames: int, device_bytes
     size = f"{width}x{height}x{frames}"
     latent = spec.latent_shape(width, height, frames)
     configs = configs or DIT_CONFIGS
-    tracker = LiveBytes("cuda")
+    gpu = device_bytes is not None
+    tracker = LiveBytes("cuda" if gpu else "cpu")
     chunk_count = f"KSampler + Chunked Model Patch (count {CHUNK_COUNT})"
-    with drive.fake_gpu(device_bytes, tracker) as dev:
+    dtype = torch.bfloat16 if gpu else torch.float32
+    with drive.fake_device(tracker, device_bytes) as dev:
         with tracker.phase("weights"):
-            patcher, weights = drive.build_model(spec, dev, torch.bfloat16)
+            patcher, weights = drive.build_model(spec, dev, dtype)
         base = tracker.current
         calls = {"n": 0}
         hook = patcher.model.diffusion_model.register_forward_pre_hook(lambda m, a: calls.__setitem__("n", calls["n"] + 1))
@@ -103,12 +110,18 @@ def trace_dit(spec_name: str, width: int, height: int, frames: int, device_bytes
             """Peak over ``evaluations`` model evaluations (the last one is the steady state)."""
             drive.collect()
             calls["n"] = 0
+            start = {}
+
+            def region(event):
+                if event == "start":
+                    tracker.reset_peak()
+                    start["bytes"] = tracker.current
+
             t0 = time.perf_counter()
-            drive.sample(p, spec, latent, dev, evaluations=evaluations,
-                         on_region=lambda e: tracker.reset_peak() if e == "start" else None)
+            drive.sample(p, spec, latent, dev, evaluations=evaluations, on_region=region)
             drive.collect()
             return {"peak": tracker.peak, "dominant": tracker.dominant(3), "calls": calls["n"] // evaluations,
-                    "seconds": time.perf_counter() - t0, "leaked": tracker.current - base}
+                    "seconds": time.perf_counter() - t0, "leaked": tracker.current - base, "start": start["bytes"]}
 
         traces = {KSAMPLER: run(patcher, 1)}
         wanted = set(configs)
@@ -125,8 +138,8 @@ def trace_dit(spec_name: str, width: int, height: int, frames: int, device_bytes
     if spec.family == "hunyuan_video":  # the cached range is in the single blocks: image and text tokens
         tokens += spec.text_tokens
     dim = spec.params.get("dim") or spec.params["hidden_size"]
-    entries, working = lightcache_entries("mix", (1,) + tuple(latent[1:]), (1, tokens, dim), branches)
-    free_at_store = max(device_bytes - ks["peak"], 0)  # the device's free memory at the step's peak
+    entries, working = lightcache_entries("mix", (1,) + tuple(latent[1:]), (1, tokens, dim), branches, model_dtype=dtype)
+    free_at_store = max(device_bytes - ks["peak"], 0) if gpu else None  # the device's free memory at the step's peak
     footprints = {cd: cache_footprint(entries, cd, free_bytes=free_at_store, working=working)
                   for cd in ("gpu", "cpu", "auto")}
     records: list[dict] = []
@@ -142,6 +155,10 @@ def trace_dit(spec_name: str, width: int, height: int, frames: int, device_bytes
                "weights_bytes": int(weights), "kind": "sampler", "method": "trace",
                "model_calls_per_evaluation": t["calls"], "dominant": _dominant_text(t["dominant"]),
                "trace_seconds": round(t["seconds"], 2)}
+        if fp is not None and not gpu:  # on a CPU compute device the host is the device
+            fp.resident += fp.host
+            fp.host = 0
+            fp.prefetch_by_kind = {}
         if fp is not None:
             # The traced computed evaluation, plus the cache's resident bytes for the whole run and the
             # engine's working set (held from the first to the last cached block, i.e. across the block
@@ -161,6 +178,7 @@ def trace_dit(spec_name: str, width: int, height: int, frames: int, device_bytes
                 extra.append(f"reuse evaluation prefetch {drive.fmt_bytes(fp.transient)}")
             rec["dominant"] = "; ".join([rec["dominant"]] + extra)
         rec["activation_bytes"] = rec["peak_bytes"] - rec["weights_bytes"]
+        rec["peak_above_start_bytes"] = rec["peak_bytes"] - t["start"]
         if t["leaked"]:
             rec["note"] = f"{drive.fmt_bytes(t['leaked'])} still live after the run"
         records.append(rec)
@@ -186,7 +204,8 @@ def _dominant_text(dominant) -> str:
 
 # ---------------------------------------------------------------- decode traces
 
-def trace_vae(spec_name: str, width: int, height: int, frames: int, device_bytes: int) -> list[dict]:
+def trace_vae(spec_name: str, width: int, height: int, frames: int, device_bytes: int | None) -> list[dict]:
+    """Rows for one VAE's decodes at one size (``device_bytes`` None: on the fake CPU, float32)."""
     import torch
 
     from memplan import drive
@@ -194,11 +213,12 @@ def trace_vae(spec_name: str, width: int, height: int, frames: int, device_bytes
 
     spec = getattr(drive, spec_name)
     size = f"{width}x{height}x{frames}"
-    tracker = LiveBytes("cuda")
+    gpu = device_bytes is not None
+    tracker = LiveBytes("cuda" if gpu else "cpu")
     records = []
-    with drive.fake_gpu(device_bytes, tracker) as dev:
+    with drive.fake_device(tracker, device_bytes) as dev:
         with tracker.phase("weights"):
-            vae, weights = drive.build_vae(spec, dev, torch.bfloat16, fake=True)
+            vae, weights = drive.build_vae(spec, dev, torch.bfloat16 if gpu else torch.float32, fake=True)
         configs = list(drive.DECODES) + ([SLICED_BUDGET] if (spec_name, width, height) == ("WAN_VAE", 1280, 720) else [])
         for config in configs:
             drive.collect()
@@ -211,6 +231,7 @@ def trace_vae(spec_name: str, width: int, height: int, frames: int, device_bytes
                 note = f"traced frame 1 of {frames}: VAEDecodeTiled decodes frame by frame (same device peak per frame)"
             latent = torch.empty(shape)  # latents wait on the CPU between nodes
             tracker.reset_peak()
+            start = tracker.current
             t0 = time.perf_counter()
             image = drive.decode(config, vae, latent)
             seconds = time.perf_counter() - t0
@@ -219,7 +240,7 @@ def trace_vae(spec_name: str, width: int, height: int, frames: int, device_bytes
             rec = {"model": spec.name, "size": size, "config": config, "peak_bytes": int(tracker.peak),
                    "weights_bytes": int(weights), "activation_bytes": int(tracker.peak - weights),
                    "kind": "decode", "method": "trace", "dominant": _dominant_text(tracker.dominant(3)),
-                   "trace_seconds": round(seconds, 2)}
+                   "trace_seconds": round(seconds, 2), "peak_above_start_bytes": int(tracker.peak - start)}
             if note:
                 rec["note"] = note
             records.append(rec)
