@@ -364,7 +364,7 @@ def fake_device(tracker, device_bytes: int | None = None, extra_modes=()):
     import comfy.model_patcher
 
     from .sdpa import cuda_kernels
-    from .tracker import HostScalars
+    from .tracker import HostScalars, no_fake_constants
 
     gpu = device_bytes is not None
 
@@ -376,9 +376,10 @@ def fake_device(tracker, device_bytes: int | None = None, extra_modes=()):
     cuda_stubs = {}
     patcher_free = None
     if gpu:
-        stubs.update(get_free_memory=free, pytorch_attention_flash_attention=lambda: True)
+        stubs.update(get_free_memory=free, pytorch_attention_flash_attention=lambda: True,
+                     cuda_device_context=lambda device=None: contextlib.nullcontext())  # newer hosts
         # Memory probes (e.g. the core's PeakMemory in node reports) ask torch.cuda; the tracker answers.
-        cuda_stubs = {"synchronize": lambda device=None: None,
+        cuda_stubs = {"synchronize": lambda device=None: None, "current_device": lambda: 0,
                       "memory_allocated": lambda device=None: tracker.current,
                       "max_memory_allocated": lambda device=None: tracker.peak,
                       "reset_peak_memory_stats": lambda device=None: None}
@@ -386,24 +387,20 @@ def fake_device(tracker, device_bytes: int | None = None, extra_modes=()):
     saved = {name: getattr(mm, name) for name in stubs if hasattr(mm, name)}
     cuda_saved = {name: getattr(torch.cuda, name) for name in cuda_stubs}
     for name, value in stubs.items():
-        setattr(mm, name, value)
+        if name in saved:  # only what this host has
+            setattr(mm, name, value)
     for name, value in cuda_stubs.items():
         setattr(torch.cuda, name, value)
     if patcher_free is not None:
         comfy.model_patcher.ModelPatcher.get_free_memory = lambda self, device=None: free(device)
-    # Fake tensors would otherwise keep tiny constants and replay ops on them for real (on a device this
-    # machine may not have); HostScalars keeps host values instead.
-    import torch._subclasses.fake_tensor as fake_tensor
-
-    constant_limit, fake_tensor.CONSTANT_NUMEL_LIMIT = fake_tensor.CONSTANT_NUMEL_LIMIT, 0
     try:
-        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True), HostScalars(), tracker, \
+        with torch.inference_mode(), no_fake_constants(), FakeTensorMode(allow_non_fake_inputs=True), HostScalars(), \
+                tracker, \
                 (cuda_kernels() if gpu else contextlib.nullcontext()), contextlib.ExitStack() as stack:
             for mode in extra_modes:
                 stack.enter_context(mode)
             yield torch.device("cuda", 0) if gpu else torch.device("cpu")
     finally:
-        fake_tensor.CONSTANT_NUMEL_LIMIT = constant_limit
         for name, value in saved.items():
             setattr(mm, name, value)
         for name, value in cuda_saved.items():

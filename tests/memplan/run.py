@@ -284,7 +284,8 @@ def table(records: list[dict], device_gib: float, host: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device-gib", type=float, default=DEVICE_GIB)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--out", type=Path, default=None, help="default out/memplan.json (0.3.75), "
+                        "out/memplan-<host>.json for another host")
     parser.add_argument("--only", action="append", default=[], help="substring of a model or size to keep")
     parser.add_argument("--validate", action="store_true", help="also run the tiny-size CPU validation")
     parser.add_argument("--no-decode", action="store_true")
@@ -311,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
                 records += trace_vae(*case, device_bytes)
     ratios(records)
     host = host_label()
+    if opts.out is None:
+        opts.out = DEFAULT_OUT if host == "0.3.75" else DEFAULT_OUT.with_name(f"memplan-{host}.json")
     text = table(records, opts.device_gib, host)
     payload = {"host": host, "device_gib": opts.device_gib, "traced": True,
                "note": "TRACE: fake tensors, no GPU ran; not measured", "records": records}

@@ -11,7 +11,7 @@ from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTens
 
 from memplan.accounting import cache_footprint, lightcache_entries
 from memplan.sdpa import cuda_kernels
-from memplan.tracker import HostScalars, LiveBytes
+from memplan.tracker import HostScalars, LiveBytes, no_fake_constants
 
 MiB = 2**20
 
@@ -20,7 +20,7 @@ MiB = 2**20
 
 def test_tracker_counts_each_storage_once_until_it_is_freed():
     tracker = LiveBytes("cuda")
-    with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True), tracker:
+    with torch.inference_mode(), no_fake_constants(), FakeTensorMode(allow_non_fake_inputs=True), tracker:
         with tracker.phase("weights"):
             w = torch.empty(MiB, dtype=torch.uint8, device="cuda")
         x = torch.empty(2 * MiB, dtype=torch.uint8, device="cuda")
@@ -37,7 +37,7 @@ def test_tracker_counts_each_storage_once_until_it_is_freed():
 
 
 def test_host_scalars_answer_host_values_and_refuse_model_data():
-    with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True), HostScalars():
+    with torch.inference_mode(), no_fake_constants(), FakeTensorMode(allow_non_fake_inputs=True), HostScalars():
         sigma = torch.tensor([0.75], device="cuda")
         assert (sigma[0] > 0.5).item() is True
         assert float(torch.cat([sigma] * 2).max()) == 0.75
@@ -50,7 +50,7 @@ def test_attention_on_a_pretend_gpu_takes_the_fused_kernel():
     """Without a GPU, PyTorch's SDPA on CUDA tensors would materialise the scores (4096^2 x 8 heads x 2 B
     = 256 MiB); a CUDA build's flash kernel holds the output and its log-sum-exp only."""
     tracker = LiveBytes("cuda")
-    with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True), tracker, cuda_kernels():
+    with torch.inference_mode(), no_fake_constants(), FakeTensorMode(allow_non_fake_inputs=True), tracker, cuda_kernels():
         q = torch.empty(1, 8, 4096, 64, dtype=torch.bfloat16, device="cuda")
         out = torch.nn.functional.scaled_dot_product_attention(q, q, q)
         del out

@@ -131,6 +131,20 @@ class LiveBytes(TorchDispatchMode):
         return sorted(items, key=lambda kv: -kv[1])[:n]
 
 
+@contextlib.contextmanager
+def no_fake_constants():
+    """Fake tensors would otherwise keep tiny constants and replay ops on them for real, on a device this
+    machine may not have (``torch.tensor([s], device="cuda")`` under ``inference_mode``); HostScalars keeps
+    host values instead."""
+    import torch._subclasses.fake_tensor as fake_tensor
+
+    limit, fake_tensor.CONSTANT_NUMEL_LIMIT = fake_tensor.CONSTANT_NUMEL_LIMIT, 0
+    try:
+        yield
+    finally:
+        fake_tensor.CONSTANT_NUMEL_LIMIT = limit
+
+
 class HostScalars(TorchDispatchMode):
     """Lets host code read back small tensors built from host numbers, under fake tensors.
 

@@ -146,7 +146,7 @@ def _measure_sampler(config: str) -> int:
     torch.manual_seed(0)
     patcher, _ = drive.build_model(spec, torch.device("cpu"), torch.float32, init=_init)
     probe = AllocatorPeak()
-    with torch.no_grad():
+    with torch.inference_mode():  # as ComfyUI runs nodes
         drive.sample(patch(patcher), spec, spec.latent_shape(*SIZE), torch.device("cpu"), evaluations=evaluations,
                      on_region=lambda e: probe.start() if e == "start" else probe.stop())
     return probe.peak
@@ -197,7 +197,7 @@ def _measure_decode(config: str) -> int:
     vae, _ = drive.build_vae(drive.WAN_VAE_TINY, torch.device("cpu"), torch.float32, init=_init)
     latent = torch.randn(drive.WAN_VAE_TINY.latent(*VAE_SIZE))
     probe = AllocatorPeak()
-    with torch.no_grad():
+    with torch.inference_mode():  # as ComfyUI runs nodes
         probe.start()
         image = drive.decode(config, vae, latent)
         probe.stop()
