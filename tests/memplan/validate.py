@@ -270,9 +270,14 @@ def _explain(row: dict) -> str:
                 f"corresponding cuDNN workspace is allocated through the caching allocator and is not in the trace "
                 f"either.")
     if "cache_bytes" in row:
-        return ("LightCache: measured is the real engine; traced is the KSampler trace plus the store accounting "
-                f"({row['cache_bytes'] / 2**20:.2f} MiB entries, {row['working_bytes'] / 2**20:.2f} MiB block input). "
-                "A difference means the engine stores or holds something the accounting does not list.")
+        engine = row["measured_bytes"] - row["ksampler_trace"]
+        listed = row["cache_bytes"] + row["working_bytes"]
+        return ("LightCache: measured is the engine as loaded (this working tree); traced is the KSampler trace plus "
+                f"accounting.lightcache_entries ({row['cache_bytes'] / 2**20:.2f} MiB entries + "
+                f"{row['working_bytes'] / 2**20:.2f} MiB block input = {listed / 2**20:.2f} MiB), while the engine "
+                f"added {engine / 2**20:.2f} MiB over the traced KSampler: the accounting lists "
+                f"{'more' if listed > engine else 'less'} than this engine keeps. It describes the engine at the "
+                "commit it was written against; point it at the engine's own description (see accounting.py).")
     return "not explained"
 
 
