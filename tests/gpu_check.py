@@ -405,12 +405,15 @@ def main(argv: list[str] | None = None) -> int:
     rows: list = []
     skip = set(opts.skip)
     with torch.inference_mode():
-        if "sampler" not in skip:
-            sampler_phase(plan, device, dtype, rows)
-        if "block" not in skip:
-            block_phase(plan, device, dtype, rows)
-        if "decode" not in skip:
-            decode_phase(plan, device, dtype, rows)
+        for name, phase in (("sampler", sampler_phase), ("block", block_phase), ("decode", decode_phase)):
+            if name in skip:
+                continue
+            try:
+                phase(plan, device, dtype, rows)
+            except Exception as exc:  # noqa: BLE001 - e.g. out of memory building a model: report, go on
+                rows.append({"phase": name, "model": "-", "size": "-", "config": "(phase setup)",
+                             "error": f"{type(exc).__name__}: {exc}"[:400], "traceback": traceback.format_exc()[-2000:]})
+                _unload()
     if "trace" not in skip:
         trace_phase(plan, device_bytes, rows)
     tests = cuda_tests(opts.dry) if "tests" not in skip else {"summary": "skipped (--skip tests)"}
