@@ -9,8 +9,11 @@ Modules:
     pinned_pool  reusable pinned host buffers used by the store.
     chunking     exact row-chunked execution into a preallocated output ("feature chunk").
     schedules    DeepCache uniform / non-uniform full-step schedules, reuse windows,
-                 accumulated-change gate, sigma -> step index.
-    policy       MixCache-style choice between step / CFG / block reuse.
+                 sigma -> step index.
+    signals      per-granularity error signals (step, CFG, block) kept on the device.
+    policy       the hybrid decision: cheapest reuse whose predicted error fits the budget.
+    extrapolation  damped first-order prediction of a skipped model output.
+    engine       the hybrid cache of one run: trajectories, decision, step/cfg/block reuse.
     report       per-run evaluation records, timelines and summaries.
     metrics      PSNR / SSIM against an uncached reference.
 """
@@ -20,46 +23,48 @@ from .chunking import ChunkPolicy, balanced_pieces, plan_chunk_rows, run_chunked
 from .memory_probe import PeakMemory
 from .metrics import psnr, ssim
 from .pinned_pool import PinnedBufferPool, PooledBuffer
-from .policy import REUSE_ORDER, Granularity, MixPolicyConfig, choose_granularity, estimated_error
+from .engine import Decision, EngineConfig, Evaluation, HybridEngine, Trajectory
+from .extrapolation import extrapolate, slope
+from .policy import GRANULARITIES, HybridPolicy, choose_granularity, forecast_reuse
 from .report import DEFAULT_COSTS, GRANULARITY_CODES, DecodeReport, EvalRecord, RunReport, format_bytes
-from .schedules import (
-    AccumulatedChange,
-    StepWindow,
-    nonuniform_full_steps,
-    relative_l1,
-    step_index_for_sigma,
-    uniform_full_steps,
-)
+from .schedules import StepWindow, nonuniform_full_steps, step_index_for_sigma, uniform_full_steps
+from .signals import BlockSignals, TrajectorySignals
 
 __all__ = [
-    "AccumulatedChange",
+    "BlockSignals",
     "PeakMemory",
     "balanced_pieces",
     "CacheStats",
     "CacheStore",
     "ChunkPolicy",
     "DEFAULT_COSTS",
+    "Decision",
     "DecodeReport",
+    "EngineConfig",
+    "Evaluation",
     "EvalRecord",
     "GRANULARITY_CODES",
-    "Granularity",
-    "MixPolicyConfig",
+    "GRANULARITIES",
+    "HybridEngine",
+    "HybridPolicy",
     "PinnedBufferPool",
     "Placement",
     "PooledBuffer",
-    "REUSE_ORDER",
     "RunReport",
     "StepWindow",
     "StoreConfig",
     "choose_granularity",
-    "estimated_error",
+    "extrapolate",
+    "forecast_reuse",
     "format_bytes",
     "nonuniform_full_steps",
     "plan_chunk_rows",
     "psnr",
-    "relative_l1",
     "run_chunked",
     "ssim",
+    "slope",
     "step_index_for_sigma",
+    "Trajectory",
+    "TrajectorySignals",
     "uniform_full_steps",
 ]

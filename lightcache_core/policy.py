@@ -1,83 +1,104 @@
-"""MixCache-style hybrid decision: which reuse granularity, if any, for this step.
+"""The hybrid reuse decision: which granularity (if any) one model evaluation reuses.
 
-MixCache (arXiv 2508.12691) mixes step-, CFG- and block-level reuse; its equations are
-not public, so this is our explicit, testable rule (algorithms.md sections 4 and 5.3):
+MixCache (arXiv 2508.12691) mixes step-, CFG- and block-level reuse, but its
+equations are not public.  This module is our written-down rule; the reasons are
+measured on the trained tiny Wan fixture (README, "How mix decides"):
 
-* The caller tracks the accumulated relative change of the model input/output since
-  the last full compute (``schedules.AccumulatedChange``) and this step's change.
-* Reusing at granularity ``g`` is estimated to cost
-  ``weight_g * (accumulated_change + step_change)`` of error.
-* Weights order the granularities by how much of the output they replace:
-  step reuse replaces the entire output (largest error, weight 1); CFG reuse keeps
-  the cond branch fresh and only approximates the guidance delta (smaller, 0.5);
-  block reuse recomputes the first/last blocks and approximates only the middle
-  residual (smallest, 0.25).
-* The most aggressive granularity whose estimate fits ``error_budget`` wins.
+* Every granularity ``g`` gets its own predicted error ``e_g`` for this evaluation,
+  in one unit: the mean absolute error of the CFG-combined model output it would
+  cause, relative to the mean magnitude of the input latent (``signals.py``
+  measures them: step from the output drift since the last full compute, cfg from
+  the drift of the guidance difference, block from the first blocks' fresh
+  residual).
+* Every granularity has a cost: the fraction of a full evaluation's transformer
+  block evaluations it still runs (step 0, cfg the uncond rows' share, block the
+  first + last blocks' share), taken from the model's real block counts.
+* An accumulated error ``A`` is the sum of the predicted errors of the reuses
+  since the last full compute.  A granularity is *feasible* when
+  ``A + e_g <= budget``.  The cheapest feasible granularity wins (ties: the
+  smaller error); none feasible means a full compute, which resets ``A``.
+  So the knob (``budget``) ends reuse runs; a consecutive-reuse cap is only a
+  safety net.
+
+``forecast_reuse`` runs the same rule ahead on scalar extrapolations of the
+signals, to decide at a full compute which caches the coming reuse run can read:
+what the forecast does not need is not stored.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
 
-Granularity = Literal["compute", "step", "cfg", "block"]
-
-REUSE_ORDER: tuple[str, ...] = ("step", "cfg", "block")  # most to least aggressive
+GRANULARITIES: tuple[str, ...] = ("step", "cfg", "block")
+COMPUTE = "compute"
 
 
 @dataclass(frozen=True)
-class MixPolicyConfig:
-    """Error budget and per-granularity error weights (all dimensionless fractions).
+class HybridPolicy:
+    """The decision's knobs (dimensionless unless noted).
 
-    error_budget: accumulated relative change allowed between full computes.
-    step_weight / cfg_weight / block_weight: fraction of the accumulated change that
-        reuse at that granularity is assumed to turn into output error.
+    budget: accumulated predicted relative error allowed between full computes
+        (the user's ``threshold``); 0 never reuses.
+    max_consecutive_reuse: safety cap on reuses in a row (0 = no cap).
     """
 
-    error_budget: float = 0.25
-    step_weight: float = 1.0
-    cfg_weight: float = 0.5
-    block_weight: float = 0.25
+    budget: float = 0.3
+    max_consecutive_reuse: int = 8
 
     def __post_init__(self) -> None:
-        for name in ("error_budget", "step_weight", "cfg_weight", "block_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"MixPolicyConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if not (isinstance(self.budget, (int, float)) and math.isfinite(self.budget) and self.budget >= 0):
+            raise ValueError(f"HybridPolicy.budget must be a finite number >= 0, got {self.budget!r}")
+        if int(self.max_consecutive_reuse) != self.max_consecutive_reuse or self.max_consecutive_reuse < 0:
+            raise ValueError(f"HybridPolicy.max_consecutive_reuse must be an integer >= 0, got {self.max_consecutive_reuse!r}")
 
-    def weight(self, granularity: str) -> float:
-        """Error weight of ``granularity`` ("step", "cfg" or "block")."""
-        try:
-            return {"step": self.step_weight, "cfg": self.cfg_weight, "block": self.block_weight}[granularity]
-        except KeyError:
-            raise ValueError(f"unknown reuse granularity {granularity!r}; expected one of {REUSE_ORDER}") from None
+    def cap_reached(self, consecutive_reuse: int) -> bool:
+        return self.max_consecutive_reuse > 0 and consecutive_reuse >= self.max_consecutive_reuse
 
 
-def estimated_error(granularity: str, accumulated_change: float, step_change: float, config: MixPolicyConfig) -> float:
-    """Estimated relative output error of reusing at ``granularity`` this step."""
-    return config.weight(granularity) * (accumulated_change + step_change)
+def choose_granularity(errors: Mapping[str, float], costs: Mapping[str, float], accumulated: float,
+                       policy: HybridPolicy) -> str:
+    """The cheapest granularity whose predicted error fits the budget, else ``"compute"``.
 
-
-def choose_granularity(
-    accumulated_change: float,
-    step_change: float,
-    config: MixPolicyConfig,
-    allowed: Sequence[str],
-) -> str:
-    """Most aggressive allowed granularity within budget, else ``"compute"``.
-
-    accumulated_change: relative change accumulated since the last full compute.
-    step_change: relative change of the current step.
-    allowed: granularities the caller can serve now (e.g. no "cfg" without a cached
-        guidance delta, nothing during warm-up); unknown names raise ValueError.
-    Returns one of "step", "cfg", "block", "compute".
+    errors: predicted relative error per candidate granularity (only the ones the
+        caller can serve now; NaN or inf means "unknown": never feasible).
+    costs: fraction of a full evaluation each candidate still runs (0 = free).
+    accumulated: predicted error of the reuses since the last full compute.
     """
-    allowed_set = set(allowed)
-    unknown = allowed_set - set(REUSE_ORDER) - {"compute"}
+    unknown = set(errors) - set(GRANULARITIES)
     if unknown:
-        raise ValueError(f"unknown granularities {sorted(unknown)}; expected a subset of {REUSE_ORDER}")
-    for granularity in REUSE_ORDER:
-        if granularity in allowed_set and \
-                estimated_error(granularity, accumulated_change, step_change, config) <= config.error_budget:
-            return granularity
-    return "compute"
+        raise ValueError(f"unknown granularities {sorted(unknown)}; expected a subset of {GRANULARITIES}")
+    feasible = []
+    for g, e in errors.items():
+        if math.isfinite(e) and e >= 0 and accumulated + e <= policy.budget:
+            feasible.append((float(costs.get(g, 1.0)), float(e), GRANULARITIES.index(g), g))
+    if not feasible or policy.budget <= 0:
+        return COMPUTE
+    return min(feasible)[3]
+
+
+def forecast_reuse(error_growth: Mapping[str, float], costs: Mapping[str, float], policy: HybridPolicy,
+                   steps_left: int) -> list[str]:
+    """The decisions the rule would take in the evaluations after a full compute.
+
+    error_growth: per granularity, the predicted error of reusing ``j`` evaluations
+        after the compute is ``j * error_growth[g]`` (signals grow about linearly
+        with the distance the latent has moved since the compute).
+    steps_left: how many evaluations may reuse before a compute is forced anyway.
+    Returns the decisions up to and including the first ``"compute"`` (or
+    ``steps_left`` decisions); a pure function of scalars, so it is cheap.
+    """
+    decisions: list[str] = []
+    accumulated = 0.0
+    for j in range(1, max(int(steps_left), 0) + 1):
+        if policy.cap_reached(len(decisions)):
+            decisions.append(COMPUTE)
+            break
+        errors = {g: j * rate for g, rate in error_growth.items()}
+        choice = choose_granularity(errors, costs, accumulated, policy)
+        decisions.append(choice)
+        if choice == COMPUTE:
+            break
+        accumulated += errors[choice]
+    return decisions

@@ -67,7 +67,12 @@ class RunReport:
     total_steps: sampler steps.  cache_stats: ``CacheStats.as_dict()`` (bytes).
     schedule: full-compute steps when the mode has a fixed schedule.
     cost_by_granularity: cost of one evaluation relative to a full compute, used by
-        ``estimated_speedup`` (a "full" compute costs ``cost["full"]``).
+        ``estimated_speedup`` (a "full" compute costs ``cost["full"]``); the result is
+        a cost-model estimate, and every text that shows it says so.
+    bytes_stored / bytes_read: per granularity, bytes the run put into its cache and
+        bytes it read back from it (a cache that is stored and never read is waste).
+    model_rows_run: batch rows the model's trunk really evaluated (counted where the
+        model runs, not where the decision is taken), None when not counted.
     """
 
     node: str
@@ -78,6 +83,17 @@ class RunReport:
     notes: list[str] = field(default_factory=list)
     schedule: list[int] | None = None
     cost_by_granularity: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_COSTS))
+    bytes_stored: dict[str, int] = field(default_factory=dict)
+    bytes_read: dict[str, int] = field(default_factory=dict)
+    model_rows_run: int | None = None
+
+    def note_stored(self, granularity: str, nbytes: int) -> None:
+        """Count ``nbytes`` put into the cache for ``granularity``."""
+        self.bytes_stored[granularity] = self.bytes_stored.get(granularity, 0) + int(nbytes)
+
+    def note_read(self, granularity: str, nbytes: int) -> None:
+        """Count ``nbytes`` read back from the cache for ``granularity``."""
+        self.bytes_read[granularity] = self.bytes_read.get(granularity, 0) + int(nbytes)
 
     def add(self, *args, **kwargs) -> EvalRecord:
         """Append a record: ``add(EvalRecord(...))`` or ``add(step, sigma, branch,
@@ -132,7 +148,7 @@ class RunReport:
         speedup_text = "inf" if math.isinf(speedup) else f"{speedup:.2f}x"
         line = (f"LightCache {self.mode}: {self.total_steps} steps, {len(self.records)} evaluations; "
                 f"computed {self.computed_count()}, reused {self.reused_count()}"
-                + (f" ({detail})" if detail else "") + f"; est. speedup {speedup_text}")
+                + (f" ({detail})" if detail else "") + f"; est. speedup {speedup_text} (cost-model estimate)")
         if self.cache_stats:
             s = self.cache_stats
             line += (f"; cache: {s.get('entries', 0)} entries, {format_bytes(s.get('host_bytes', 0))} on host, "
@@ -148,6 +164,11 @@ class RunReport:
             lines.append("  legend: C compute, S step reuse, G cfg reuse, B block reuse, D deepcache")
         if self.schedule is not None:
             lines.append(f"  full steps: {self.schedule}")
+        for g in sorted(set(self.bytes_stored) | set(self.bytes_read)):
+            lines.append(f"  {g} cache: stored {format_bytes(self.bytes_stored.get(g, 0))}, "
+                         f"read back {format_bytes(self.bytes_read.get(g, 0))}")
+        if self.model_rows_run is not None:
+            lines.append(f"  the model trunk ran {self.model_rows_run} batch-row evaluations")
         waits = self.cache_stats.get("prefetch_wait_s") if self.cache_stats else None
         if waits:
             lines.append(f"  prefetch wait: {waits:.4f} s")
@@ -166,6 +187,10 @@ class RunReport:
             "reused": self.reused_count(),
             "reused_by_granularity": self.reused_by_granularity(),
             "estimated_speedup": None if math.isinf(speedup) else speedup,
+            "speedup_is_estimate": True,
+            "bytes_stored": dict(self.bytes_stored),
+            "bytes_read": dict(self.bytes_read),
+            "model_rows_run": self.model_rows_run,
             "schedule": list(self.schedule) if self.schedule is not None else None,
             "cache_stats": dict(self.cache_stats),
             "notes": list(self.notes),

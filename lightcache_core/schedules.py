@@ -1,7 +1,6 @@
 """Step schedules and reuse gates: which sampler steps compute, which may reuse.
 
-Everything here is pure (or, for ``AccumulatedChange``, per-run state owned by the
-caller).  Steps are 0-based indices into the sampler's sigma list; "progress" is
+Everything here is pure.  Steps are 0-based indices into the sampler's sigma list; "progress" is
 ``step / total_steps`` in [0, 1).
 """
 
@@ -112,55 +111,6 @@ class StepWindow:
         return self.max_consecutive_reuse <= 0 or consecutive_reuse < self.max_consecutive_reuse
 
 
-class AccumulatedChange:
-    """Running sum of relative changes since the last full compute (TeaCache-style).
-
-    threshold: reuse is allowed while the sum including the current step stays below it
-    (``threshold`` <= 0 never allows reuse).  Owned by one run and one branch.
-    """
-
-    def __init__(self, threshold: float) -> None:
-        self.threshold = float(threshold)
-        self.value = 0.0
-
-    def would_exceed(self, rel_change: float) -> bool:
-        """True when adding ``rel_change`` reaches or passes the threshold (=> compute)."""
-        return self.value + float(rel_change) >= self.threshold
-
-    def update(self, rel_change: float) -> float:
-        """Add ``rel_change`` (a fraction) and return the new sum."""
-        self.value += float(rel_change)
-        return self.value
-
-    def reset(self) -> None:
-        """Start over after a full compute."""
-        self.value = 0.0
-
-    def __repr__(self) -> str:
-        return f"AccumulatedChange(value={self.value:.4g}, threshold={self.threshold:.4g})"
-
-
-def relative_l1(a: torch.Tensor, b: torch.Tensor, subsample: int = 1, eps: float = 1e-8) -> float:
-    """``mean|a - b| / (mean|b| + eps)``: relative change of ``a`` against reference ``b``.
-
-    a, b: same shape, any dtype/device (computed in float32).  ``subsample`` > 1 uses
-    every ``subsample``-th element of the last two dims (last dim only for 1-D tensors)
-    to cut the cost of the check.  One host sync (``.item()``).
-    """
-    if a.shape != b.shape:
-        raise ValueError(f"relative_l1: shape mismatch {tuple(a.shape)} vs {tuple(b.shape)}")
-    if subsample < 1:
-        raise ValueError(f"subsample must be >= 1, got {subsample}")
-    if subsample > 1 and a.dim() >= 1:
-        index = (Ellipsis, slice(None, None, subsample)) if a.dim() == 1 else \
-            (Ellipsis, slice(None, None, subsample), slice(None, None, subsample))
-        a, b = a[index], b[index]
-    a32, b32 = a.float(), b.float()
-    num = (a32 - b32).abs().mean()
-    den = b32.abs().mean()
-    return float((num / (den + eps)).item())
-
-
 def step_index_for_sigma(
     sample_sigmas: torch.Tensor,
     sigma: float | torch.Tensor,
@@ -179,7 +129,10 @@ def step_index_for_sigma(
     or all equal).  Note: second-order samplers (Heun) evaluate their correction at
     ``sample_sigmas[i+1]``, which maps to step ``i+1``.
     """
-    sigmas = [float(s) for s in torch.as_tensor(sample_sigmas, dtype=torch.float64).flatten().tolist()]
+    if isinstance(sample_sigmas, (list, tuple)):
+        sigmas = [float(s) for s in sample_sigmas]
+    else:
+        sigmas = [float(s) for s in torch.as_tensor(sample_sigmas, dtype=torch.float64).flatten().tolist()]
     if len(sigmas) < 2 or all(s == sigmas[0] for s in sigmas):
         return None
     if isinstance(sigma, torch.Tensor):

@@ -1,43 +1,53 @@
-"""MixCache-style granularity choice."""
+"""The hybrid decision: cheapest granularity whose predicted error fits the budget."""
 
 import pytest
 
-from lightcache_core import MixPolicyConfig, choose_granularity, estimated_error
+from lightcache_core import HybridPolicy, choose_granularity, forecast_reuse
 
-ALL = ("step", "cfg", "block")
-
-
-def test_small_change_picks_step():
-    assert choose_granularity(0.05, 0.05, MixPolicyConfig(), ALL) == "step"
+COSTS = {"step": 0.0, "cfg": 0.5, "block": 0.33}
 
 
-def test_growing_change_steps_down_granularity():
-    config = MixPolicyConfig(error_budget=0.25, step_weight=1.0, cfg_weight=0.5, block_weight=0.25)
-    assert choose_granularity(0.2, 0.05, config, ALL) == "step"  # 1.0 * 0.25 <= 0.25
-    assert choose_granularity(0.3, 0.1, config, ALL) == "cfg"  # 0.5 * 0.4 = 0.2
-    assert choose_granularity(0.6, 0.3, config, ALL) == "block"  # 0.25 * 0.9 = 0.225
-    assert choose_granularity(1.0, 0.1, config, ALL) == "compute"  # 0.25 * 1.1 > 0.25
+def test_cheapest_feasible_wins_not_a_fixed_order():
+    policy = HybridPolicy(budget=0.3)
+    assert choose_granularity({"step": 0.1, "cfg": 0.05, "block": 0.01}, COSTS, 0.0, policy) == "step"
+    # step does not fit: the cheaper of the rest that fits
+    assert choose_granularity({"step": 0.4, "cfg": 0.05, "block": 0.2}, COSTS, 0.0, policy) == "block"
+    assert choose_granularity({"step": 0.4, "cfg": 0.05, "block": 0.35}, COSTS, 0.0, policy) == "cfg"
+    # the accumulated error counts against every candidate
+    assert choose_granularity({"step": 0.1, "cfg": 0.05, "block": 0.2}, COSTS, 0.22, policy) == "cfg"
+    assert choose_granularity({"step": 0.1, "cfg": 0.1, "block": 0.1}, COSTS, 0.25, policy) == "compute"
+    # equal cost: the smaller error
+    assert choose_granularity({"step": 0.1, "cfg": 0.05}, {"step": 0.5, "cfg": 0.5}, 0.0, policy) == "cfg"
 
 
-def test_allowed_restricts_choice():
-    config = MixPolicyConfig()
-    assert choose_granularity(0.0, 0.01, config, ["cfg", "block"]) == "cfg"
-    assert choose_granularity(0.0, 0.01, config, ["block"]) == "block"
-    assert choose_granularity(0.0, 0.01, config, []) == "compute"
-    assert choose_granularity(0.3, 0.1, config, ["step"]) == "compute"
-
-
-def test_zero_budget_never_reuses_with_change():
-    config = MixPolicyConfig(error_budget=0.0)
-    assert choose_granularity(0.0, 0.01, config, ALL) == "compute"
-
-
-def test_estimated_error_and_validation():
-    config = MixPolicyConfig()
-    assert estimated_error("cfg", 0.2, 0.2, config) == pytest.approx(0.2)
+def test_unknown_and_unmeasured_errors_never_reuse():
+    policy = HybridPolicy(budget=1.0)
+    assert choose_granularity({"step": float("inf"), "cfg": float("nan")}, COSTS, 0.0, policy) == "compute"
+    assert choose_granularity({}, COSTS, 0.0, policy) == "compute"
+    assert choose_granularity({"step": 0.0}, COSTS, 0.0, HybridPolicy(budget=0.0)) == "compute"
     with pytest.raises(ValueError):
-        estimated_error("bogus", 0.1, 0.1, config)
+        choose_granularity({"bogus": 0.1}, COSTS, 0.0, policy)
+
+
+def test_policy_validation_and_cap():
     with pytest.raises(ValueError):
-        choose_granularity(0.1, 0.1, config, ["bogus"])
+        HybridPolicy(budget=-1)
     with pytest.raises(ValueError):
-        MixPolicyConfig(error_budget=-1)
+        HybridPolicy(budget=float("nan"))
+    with pytest.raises(ValueError):
+        HybridPolicy(max_consecutive_reuse=-1)
+    assert HybridPolicy(max_consecutive_reuse=3).cap_reached(3)
+    assert not HybridPolicy(max_consecutive_reuse=0).cap_reached(100)
+
+
+def test_forecast_follows_the_rule_ahead():
+    policy = HybridPolicy(budget=1.0)
+    # errors grow 0.1, 0.2, 0.3 ... per evaluation: step reuses while 0.1 + 0.2 + 0.3 + 0.4 <= 1.0
+    assert forecast_reuse({"step": 0.1}, COSTS, policy, 10) == ["step"] * 4 + ["compute"]
+    # block's error grows slower: once step stops fitting, block takes over
+    plan = forecast_reuse({"step": 0.1, "block": 0.01}, COSTS, HybridPolicy(budget=1.06), 10)
+    assert plan == ["step"] * 4 + ["block", "compute"]
+    assert forecast_reuse({"step": 0.1}, COSTS, policy, 2) == ["step", "step"]
+    assert forecast_reuse({"step": 0.1}, COSTS, HybridPolicy(budget=1.0, max_consecutive_reuse=2), 10) == \
+        ["step", "step", "compute"]
+    assert forecast_reuse({}, COSTS, policy, 5) == ["compute"]

@@ -1,18 +1,11 @@
-"""Full-step schedules, reuse windows, accumulated change and sigma -> step lookup."""
+"""Full-step schedules, reuse windows and sigma -> step lookup."""
 
 import math
 
 import pytest
 import torch
 
-from lightcache_core import (
-    AccumulatedChange,
-    StepWindow,
-    nonuniform_full_steps,
-    relative_l1,
-    step_index_for_sigma,
-    uniform_full_steps,
-)
+from lightcache_core import StepWindow, nonuniform_full_steps, step_index_for_sigma, uniform_full_steps
 
 
 # ------------------------------------------------------------------ uniform
@@ -103,34 +96,6 @@ def test_step_window_validation(kwargs):
     with pytest.raises(ValueError):
         StepWindow(**kwargs)
 
-
-# ------------------------------------------------------------------ accumulated change
-def test_accumulated_change():
-    acc = AccumulatedChange(threshold=0.3)
-    assert not acc.would_exceed(0.1)
-    assert acc.update(0.1) == pytest.approx(0.1)
-    assert acc.update(0.15) == pytest.approx(0.25)
-    assert acc.would_exceed(0.05)
-    assert not acc.would_exceed(0.04)
-    acc.reset()
-    assert acc.value == 0.0
-    assert AccumulatedChange(0.0).would_exceed(0.0)  # threshold 0 never reuses
-
-
-def test_relative_l1():
-    b = torch.ones(2, 3, 8, 8)
-    a = b * 1.1
-    assert relative_l1(a, b) == pytest.approx(0.1, rel=1e-5)
-    assert relative_l1(b, b) == 0.0
-    assert relative_l1(a, b, subsample=2) == pytest.approx(0.1, rel=1e-5)
-    # subsampling the last two dims only looks at every 4th row/column
-    c = b.clone()
-    c[..., 1::4, :] += 1.0
-    assert relative_l1(c, b, subsample=4) == 0.0
-    assert relative_l1(torch.ones(10) * 2, torch.ones(10), subsample=3) == pytest.approx(1.0)
-    assert relative_l1(a.half(), b.half()) == pytest.approx(0.1, rel=1e-2)
-    with pytest.raises(ValueError):
-        relative_l1(a, b[0])
 
 
 # ------------------------------------------------------------------ sigma -> step
