@@ -184,16 +184,6 @@ def schema_extras(**extras: Any) -> dict:
 
 # ---------------------------------------------------------------- DiT caching (LightCache Sampler)
 
-def model_output_channels(model_patcher: Any) -> int | None:
-    """Latent channels the model predicts (Wan I2V feeds 36 in, predicts 16).
-
-    Read from the model's ``latent_format`` when present; None when unknown.
-    """
-    fmt = getattr(getattr(model_patcher, "model", None), "latent_format", None)
-    channels = getattr(fmt, "latent_channels", None)
-    return int(channels) if isinstance(channels, int) and channels > 0 else None
-
-
 def diffusion_model_of(model_patcher: Any) -> Any:
     """The ``nn.Module`` that runs the DiT/UNet forward (``model.diffusion_model``)."""
     try:
@@ -256,16 +246,74 @@ def is_unet_model(model_patcher: Any) -> bool:
     return isinstance(dm, UNetModel)
 
 
-def cond_entry_uuid(cond_entry: Any) -> Any:
-    """The stable uuid ComfyUI gives one processed cond entry (None if absent)."""
-    return cond_entry.get("uuid") if isinstance(cond_entry, dict) else None
+def context_window_id(transformer_options: dict) -> tuple | None:
+    """The frame indices of the context window being evaluated, or None outside context windows.
+
+    Core's context windows put the window object in ``transformer_options["context_window"]``
+    (every window carries the same cond uuids); AnimateDiff-Evolved passes ``ad_params["sub_idxs"]``.
+    """
+    window = transformer_options.get("context_window") if isinstance(transformer_options, dict) else None
+    indices = getattr(window, "index_list", None)
+    if indices is not None:
+        return tuple(int(i) for i in indices)
+    ad = transformer_options.get("ad_params") if isinstance(transformer_options, dict) else None
+    if isinstance(ad, dict) and ad.get("sub_idxs") is not None:
+        return tuple(int(i) for i in ad["sub_idxs"])
+    return None
 
 
-def apply_model_sigma(timestep: Any) -> float:
-    """The current sigma as a float from a CALC_COND_BATCH ``timestep`` tensor."""
-    if isinstance(timestep, torch.Tensor):
-        return float(timestep.flatten()[0].item())
-    return float(timestep)
+def guider_cfg_scale(guider: Any) -> float:
+    """The CFG scale of a guider (``CFGGuider.cfg``); 1.0 for guiders without a single scale."""
+    cfg = getattr(guider, "cfg", None)
+    return float(cfg) if isinstance(cfg, (int, float)) else 1.0
+
+
+def block_side_inputs(args: tuple, kwargs: dict) -> str | None:
+    """What a diffusion model call adds inside its block loop besides the blocks, or None.
+
+    VACE (``vace_context``: ``x += c_skip`` after mapped blocks) and ControlNet residuals
+    (``control`` with input/output/middle lists, HunyuanVideo) are added by the loop
+    after a block returns, so a cached block residual would contain them twice.
+    """
+    control = kwargs.get("control")
+    if control is None:
+        control = next((a for a in args if isinstance(a, dict) and {"input", "output", "middle"} & set(a)), None)
+    if isinstance(control, dict) and any(control.get(k) for k in ("input", "output", "middle")):
+        return "ControlNet residuals"
+    if kwargs.get("vace_context") is not None:
+        return "VACE control"
+    return None
+
+
+STACKED_CACHE_KEYS = {"easycache": "EasyCache", "lazycache": "LazyCache"}
+
+
+def stacked_caches(model_patcher: Any) -> list[str]:
+    """Names of other step caches already on the model (ComfyUI's EasyCache/LazyCache).
+
+    Detected by their keyed wrappers and their ``transformer_options`` holders; two caches
+    deciding over the same evaluations would each count steps the other skipped.
+    """
+    found = set()
+    to = getattr(model_patcher, "model_options", {}).get("transformer_options", {})
+    for key, name in STACKED_CACHE_KEYS.items():
+        if key in to:
+            found.add(name)
+    for per_type in (getattr(model_patcher, "wrappers", None) or {}).values():
+        for key in per_type:
+            if key in STACKED_CACHE_KEYS:
+                found.add(STACKED_CACHE_KEYS[key])
+    return sorted(found)
+
+
+def latent_layout(model_patcher: Any) -> tuple[int, int] | None:
+    """(channels, rank) of the latents the model samples, e.g. (16, 5) for Wan; None when unknown."""
+    fmt = getattr(getattr(model_patcher, "model", None), "latent_format", None)
+    channels = getattr(fmt, "latent_channels", None)
+    dims = getattr(fmt, "latent_dimensions", None)
+    if not isinstance(channels, int) or not isinstance(dims, int):
+        return None
+    return channels, dims + 2
 
 
 # ---------------------------------------------------------------- chunking (Chunked Model Patch)
@@ -336,7 +384,6 @@ def forward_patch_names(*functions) -> frozenset:
             elif hasattr(const, "co_consts"):
                 codes.append(const)
     return frozenset(names)
-
 
 
 def wan_self_attention_parts(module: torch.nn.Module):

@@ -54,8 +54,9 @@ from typing import Any, Callable
 import torch
 
 from ..lightcache_core import CacheStore, RunReport, StoreConfig, format_bytes, nonuniform_full_steps, \
-    step_index_for_sigma, uniform_full_steps
+    uniform_full_steps
 from . import compat
+from .run_lifecycle import ProgressText, StepClock, install_wrappers, make_outer_sample_wrapper, sigma_value
 
 log = logging.getLogger("LightCache")
 
@@ -65,7 +66,7 @@ SCHEDULES = ("uniform", "nonuniform")
 CACHE_DEVICES = ("auto", "gpu", "cpu")
 _PLACEMENT = {"auto": "auto", "gpu": "device", "cpu": "cpu"}
 NONUNIFORM_MIN_STEPS = 10  # shorter runs (8-step Lightning) use the uniform schedule
-DEFAULT_THRESHOLD = 0.3  # the Sampler's default quality/speed knob maps to DeepCacheSettings()
+DEFAULT_THRESHOLD = 0.6  # the Sampler's default quality/speed knob maps to DeepCacheSettings()
 
 
 class DeepCacheError(ValueError):
@@ -126,11 +127,11 @@ class DeepCacheSettings:
     def from_threshold(cls, threshold: float, **overrides) -> "DeepCacheSettings":
         """Map the Sampler's quality/speed knob to an interval.
 
-        0 computes every step (interval 1); the default 0.3 gives the defaults
-        (interval 3); each further 0.15 adds one cache step per full step.
+        0 computes every step (interval 1); the Sampler's default 0.6 gives interval 3
+        (DeepCache's own default); each further 0.3 adds one cache step per full step.
         """
         threshold = float(threshold)
-        interval = 1 if threshold <= 0 else max(2, int(round(1 + threshold / 0.15)))
+        interval = 1 if threshold <= 0 else max(2, int(round(1 + threshold / 0.3)))
         return cls(**{"interval": interval, **overrides})
 
     def full_steps(self, total_steps: int) -> list[int]:
@@ -281,17 +282,6 @@ class _Call:
 _ACTIVE: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("lightcache_deepcache_call", default=None)
 
 
-def _window_id(opts: dict) -> tuple | None:
-    """Frame indices of the current context window, when sampling runs in windows."""
-    window = opts.get("context_window")
-    if window is not None and getattr(window, "index_list", None) is not None:
-        return tuple(int(i) for i in window.index_list)
-    ad = opts.get("ad_params")
-    if isinstance(ad, dict) and ad.get("sub_idxs") is not None:
-        return tuple(int(i) for i in ad["sub_idxs"])
-    return None
-
-
 def _is_placeholder(t: Any) -> bool:
     return isinstance(t, torch.Tensor) and t.ndim >= 2 and t.shape[1] == 0
 
@@ -335,14 +325,14 @@ def _pass_placeholder_embed_handler(handler: Callable) -> Callable:
 # ---------------------------------------------------------------- per-run state
 
 class _Run:
-    """One sampling run: store, schedule, report. Shared (never deep-copied) across option copies."""
+    """One sampling run: store, schedule, report (created and freed by the shared run lifecycle)."""
 
-    def __init__(self, owner: "_DeepCache", sigmas: torch.Tensor, device: torch.device) -> None:
+    def __init__(self, owner: "_DeepCache", sigmas: Any, device: torch.device) -> None:
         self.owner = owner
         self.settings = owner.settings
         self.plan = owner.plan
-        self.sigmas = sigmas.detach().float().cpu()
-        self.total_steps = max(int(self.sigmas.numel()) - 1, 0)
+        self.clock = StepClock(sigmas)
+        self.total_steps = self.clock.total_steps
         self.full_steps = self.settings.full_steps(self.total_steps)
         full = self._full_set = set(self.full_steps)
         self.cache_steps = [s for s in range(self.total_steps) if s not in full]
@@ -356,22 +346,15 @@ class _Run:
         self.branch_cost: float | None = None
         self.report = RunReport(node="LightCache", mode="deepcache", total_steps=self.total_steps,
                                 schedule=list(self.full_steps))
+        self.report.model_rows_run = 0
+        self.progress = ProgressText(compat.executing_node_id())
         self.notes: list[str] = []
-        self._sigma_cache: dict[float, int | None] = {}
 
-    def __deepcopy__(self, memo):
-        return self
-
-    def __copy__(self):
-        return self
+    def install(self, model_options: dict) -> None:
+        """Nothing to add: the layer patches and wrappers are on the patched model already."""
 
     def step_of(self, sigma: Any) -> int | None:
-        if sigma is None:
-            return None
-        value = float(sigma.flatten()[0].item()) if isinstance(sigma, torch.Tensor) else float(sigma)
-        if value not in self._sigma_cache:
-            self._sigma_cache[value] = step_index_for_sigma(self.sigmas, value)
-        return self._sigma_cache[value]
+        return None if sigma is None else self.clock.step_of(sigma)
 
     def is_cache_step(self, step: int | None) -> bool:
         return step is not None and 0 <= step < self.total_steps and step not in self._full_set
@@ -387,6 +370,7 @@ class _Run:
         for i, uuid in enumerate(uuids):
             part = h[i * per:(i + 1) * per]
             self.store.put(self.key(uuid), part.clone() if copy else part)
+            self.report.note_stored("deepcache", self.store.nbytes(self.key(uuid)))
             self.entry_shapes[str(uuid)] = list(part.shape)
         held = sum(self.store.nbytes(k) for k in self.store.keys())
         self.held_bytes_max = max(self.held_bytes_max, held)
@@ -395,6 +379,8 @@ class _Run:
         parts = [self.store.get(self.key(u)) for u in uuids]
         if any(p is None for p in parts):
             return None
+        for u in uuids:
+            self.report.note_read("deepcache", self.store.nbytes(self.key(u)))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
     def finish(self, error: BaseException | None) -> RunReport:
@@ -437,48 +423,18 @@ class _Run:
 class _DeepCache:
     """Immutable per-patch object the wrappers close over (config only; run state lives in ``_Run``)."""
 
-    def __init__(self, settings: DeepCacheSettings, plan: BranchPlan, report_sink: Any) -> None:
+    def __init__(self, settings: DeepCacheSettings, plan: BranchPlan) -> None:
         self.settings = settings
         self.plan = plan
-        self.report_sink = report_sink
+        self.outer_sample = make_outer_sample_wrapper(RUN_KEY, self.start_run)
 
-    def __deepcopy__(self, memo):
+    def __deepcopy__(self, memo):  # immutable; 0.3.x clone() deep-copies model_options
         return self
 
-    # OUTER_SAMPLE ---------------------------------------------------------
-    def outer_sample(self, executor, *args, **kwargs):
-        guider = executor.class_obj
-        sigmas = args[3] if len(args) > 3 else kwargs.get("sigmas")
+    def start_run(self, guider, sigmas) -> "_Run":
         patcher = guider.model_patcher
         device = getattr(patcher, "load_device", None) or compat.compute_device()
-        run = _Run(self, sigmas, torch.device(device))
-        original_options = guider.model_options
-        guider.model_options = compat.create_model_options_clone(original_options)
-        guider.model_options.setdefault("transformer_options", {})[RUN_KEY] = run
-        error = None
-        try:
-            return executor(*args, **kwargs)
-        except BaseException as exc:  # interrupts included; re-raised
-            error = exc
-            raise
-        finally:
-            guider.model_options = original_options
-            report = run.finish(error)
-            self._deliver(report, patcher)
-
-    def _deliver(self, report: RunReport, patcher: Any) -> None:
-        log.info("[LightCache] %s", report.summary_line())
-        sink = self.report_sink
-        if sink is None:
-            getter = getattr(patcher, "get_attachment", None)
-            sink = getter("lightcache_report_sink") if callable(getter) else None
-        try:
-            if callable(sink):
-                sink(report)
-            elif sink is not None and isinstance(getattr(sink, "reports", None), list):
-                sink.reports.append(report)
-        except Exception:  # a broken sink must not turn a finished run into an error
-            log.exception("[LightCache] deepcache report sink failed")
+        return _Run(self, sigmas, torch.device(device))
 
     # DIFFUSION_MODEL ------------------------------------------------------
     def diffusion_model(self, executor, *args, **kwargs):
@@ -490,12 +446,12 @@ class _DeepCache:
         uuids = list(opts.get("uuids") or [])
         labels = ["uncond" if c == 1 else "cond" for c in (opts.get("cond_or_uncond") or [])]
         sigma = opts.get("sigmas")
-        step = run.step_of(sigma)
-        sigma_value = float(sigma.flatten()[0]) if isinstance(sigma, torch.Tensor) else float(sigma or 0.0)
+        sigma_now = sigma_value(sigma) if sigma is not None else 0.0
+        step = run.step_of(sigma_now)
         if not uuids or x.shape[0] % len(uuids) != 0:
             run.notes.append(f"step {step}: call without per-branch uuids; computed without caching")
             return executor(*args, **kwargs)
-        window = _window_id(opts)
+        window = compat.context_window_id(opts)
         if window is not None:  # context windows (core or AnimateDiff-Evolved): one cache per branch and window
             uuids = [(u, window) for u in uuids]
         per = x.shape[0] // len(uuids)
@@ -508,16 +464,16 @@ class _DeepCache:
         cache = run.is_cache_step(step) and all(run.meta.get(u) == chunk_meta and run.key(u) in run.store for u in uuids)
         store = not cache and run.cache_step_after(step)
         if not cache and not store:
-            return self._timed(run, step, sigma_value, labels, "full", executor, args, kwargs)
+            return self._timed(run, step, sigma_now, labels, "full", executor, args, kwargs, x)
 
         k = self.plan.entry_output
         patches = dict(opts.get("patches") or {})
         others = list(patches.get("output_block_patch") or [])
         copy = bool(others)  # another pack's output patch may edit h in place
 
+        keys = [run.key(u) for u in uuids]
         if cache:
-            keys = [run.key(u) for u in uuids]
-            run.store.prefetch(keys)
+            run.store.prefetch(keys)  # normally already in flight since the previous step (see below)
 
             def restore(h, hsp, transformer_options):
                 if transformer_options.get("block") == ("output", k):
@@ -555,10 +511,15 @@ class _DeepCache:
             call = _Call(self, "full", None)
         token = _ACTIVE.set(call)
         try:
-            result = self._timed(run, step, sigma_value, labels, "deepcache" if cache else "full", executor, args, kwargs)
+            result = self._timed(run, step, sigma_now, labels, "deepcache" if cache else "full", executor, args, kwargs, x)
         finally:
             _ACTIVE.reset(token)
-            if cache:
+            next_is_cache = step is not None and run.is_cache_step(step + 1)
+            if next_is_cache:
+                # A step ahead: the host->device copy for the next step's read overlaps the rest of this
+                # step and the sampler's work in between (a copy kept from this step is reused as is).
+                run.store.prefetch(keys)
+            elif cache:
                 for key in keys:
                     run.store.release(key)
         run.skipped_layers += call.skipped_layers
@@ -569,10 +530,11 @@ class _DeepCache:
         return getattr(executor, "class_obj", None)
 
     @staticmethod
-    def _timed(run: _Run, step, sigma: float, labels: list[str], kind: str, executor, args, kwargs):
+    def _timed(run: _Run, step, sigma: float, labels: list[str], kind: str, executor, args, kwargs, x):
         start = time.perf_counter()
         result = executor(*args, **kwargs)
         seconds = time.perf_counter() - start
+        run.report.model_rows_run += int(x.shape[0])
         if kind == "deepcache":
             run.cache_calls += 1
         else:
@@ -581,6 +543,9 @@ class _DeepCache:
         for label in labels or ["batch"]:
             run.report.add(step if step is not None else -1, sigma, label, "reuse" if kind == "deepcache" else "compute",
                            kind, seconds / n)
+        run.progress.update(f"LightCache deepcache: step {(step if step is not None else -1) + 1}/{run.total_steps} "
+                            f"[{kind}] computed {run.full_calls}, cache steps {run.cache_calls}",
+                            force=step is not None and step >= run.total_steps - 1)
         return result
 
     @staticmethod
@@ -634,16 +599,15 @@ class _DeepCache:
         return args, kwargs
 
 
-def apply_deepcache(model_patcher, settings: DeepCacheSettings | None = None, report_sink: Any = None, *,
+def apply_deepcache(model_patcher, settings: DeepCacheSettings | None = None, *,
                     threshold: float | None = None, **overrides):
     """A clone of ``model_patcher`` with deepcache installed (keyed wrappers + per-layer object patches).
 
     ``settings`` defaults to ``DeepCacheSettings()``; alternatively ``threshold``
     (the Sampler's quality/speed knob, see ``DeepCacheSettings.from_threshold``)
     plus field overrides such as ``start_percent``/``end_percent``/``cache_device``.
-    After each run the ``RunReport`` goes to ``report_sink(report)`` (or
-    ``report_sink.reports.append``), else to the ``lightcache_report_sink``
-    attachment of the sampled model if it is callable.
+    After each run the ``RunReport`` goes to the node that started sampling inside
+    ``run_lifecycle.report_channel()`` (and to the log).
     """
     if not is_unet(model_patcher):
         raise DeepCacheError("LightCache deepcache works on UNet models (SD1.5/SDXL UNetModel, SVD, AnimateDiff on "
@@ -657,15 +621,11 @@ def apply_deepcache(model_patcher, settings: DeepCacheSettings | None = None, re
         settings = replace(settings, **fields)
     dm = _diffusion_model(model_patcher)
     plan = plan_branch(dm, settings.branch)
-    owner = _DeepCache(settings, plan, report_sink)
+    owner = _DeepCache(settings, plan)
 
     m = model_patcher.clone()
-    for wrapper_type in (compat.WrappersMP.OUTER_SAMPLE, compat.WrappersMP.DIFFUSION_MODEL):
-        remove = getattr(m, "remove_wrappers_with_key", None)
-        if remove is not None:
-            remove(wrapper_type, WRAPPER_KEY)
-    m.add_wrapper_with_key(compat.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, owner.outer_sample)
-    m.add_wrapper_with_key(compat.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, owner.diffusion_model)
+    install_wrappers(m, WRAPPER_KEY, {compat.WrappersMP.OUTER_SAMPLE: owner.outer_sample,
+                                      compat.WrappersMP.DIFFUSION_MODEL: owner.diffusion_model})
     if settings.interval > 1:  # interval 1 never has a cache step: wrappers only, no layer patches
         for path in _skipped_layer_paths(dm, plan):
             name = f"diffusion_model.{path}.forward"

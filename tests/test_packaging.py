@@ -33,6 +33,8 @@ PACK_NODES = {"LightCacheSampler": "LightCache Sampler", "LightCacheModelPatch":
 # Words the node search must also match, per node (a subset of what the node declares).
 # LightCache Sampler / Model Patch apply compat.schema_extras in sampler_node.py.
 SEARCH_ALIASES = {
+    "LightCacheSampler": {"teacache", "easycache", "magcache", "first block cache", "fbcache", "deepcache"},
+    "LightCacheModelPatch": {"teacache", "easycache", "magcache", "first block cache", "fbcache", "deepcache"},
     "ChunkedModelPatch": {"chunk", "ffn chunk", "attention chunk"},
     "SlicedVAEDecode": {"tiled vae decode", "vae decode"},
 }

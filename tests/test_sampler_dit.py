@@ -52,7 +52,7 @@ def count_blocks():
 
 def _dit_cache_module():
     for name, mod in sys.modules.items():
-        if name.endswith("nodes.dit_cache") and hasattr(mod, "RunState"):
+        if name.endswith("nodes.dit_cache") and hasattr(mod, "DitRun"):
             return mod
     raise AssertionError("dit_cache module not loaded")
 
@@ -231,21 +231,23 @@ def test_state_isolation_between_runs_and_clones(runner):
 def test_cleanup_after_injected_exception(runner, monkeypatch):
     dc = _dit_cache_module()
     runs = []
-    orig_init = dc.RunState.__init__
+    orig_init = dc.DitRun.__init__
 
     def tracking_init(self, *a, **k):
         orig_init(self, *a, **k)
         runs.append(self)
 
-    monkeypatch.setattr(dc.RunState, "__init__", tracking_init)
+    monkeypatch.setattr(dc.DitRun, "__init__", tracking_init)
     patch = ("LightCacheModelPatch", {**FORCE, "cache_mode": "mix", "cache_device": "cpu"})
     p, ids = graphs.wan_t2v(steps=STEPS, decode=None, model_patches=[patch, ("LightCacheTestRaiseMidRun", {"after": 3})])
     res = runner.run(p, raise_on_error=False)
     assert res.error is not None and "injected failure" in str(res.error.get("exception_message"))
     assert len(runs) == 1
     run = runs[0]
-    assert len(run.store) == 0 and run.store.pinned_bytes == 0 and run.store.stats.device_bytes == 0
-    assert run.current is None and not run._block_in
+    assert run.engine.stores, "the run never stored anything: the test did not exercise the cache"
+    for store in run.engine.stores.values():
+        assert len(store) == 0 and store.pinned_bytes == 0 and store.stats.device_bytes == 0
+    assert not run.engine.trajectories  # per-trajectory state (signals, block scratch) is gone too
     patched = res.outputs[ids["patches"][0]][0]
     to = patched.model_options.get("transformer_options", {})
     assert dc.RUN_KEY not in to

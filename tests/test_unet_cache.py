@@ -51,7 +51,7 @@ class LightCacheTestDeepCache:
     def patch(self, model, interval, branch, schedule, fail_at_call, embed_patch):
         uc = self.module
         settings = uc.DeepCacheSettings(interval=interval, branch=branch, schedule=schedule)
-        m = uc.apply_deepcache(model, settings, report_sink=REPORTS.append)
+        m = uc.apply_deepcache(model, settings)
         if embed_patch:
             from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample
 
@@ -110,8 +110,17 @@ def _graph(family=SD15, sampler="KSampler", sampler_inputs=None, patch=None, ste
     return g.prompt(), s, model
 
 
-def _lightcache(mode="deepcache", threshold=0.3, cache_device="auto"):
+def _lightcache(mode="deepcache", threshold=0.6, cache_device="auto"):
     return {"cache_mode": mode, "threshold": threshold, "start_percent": 0.0, "end_percent": 1.0, "cache_device": cache_device}
+
+
+def _run(runner, prompt, **kwargs):
+    """Run ``prompt`` with a report channel open (as LightCache Sampler does) and keep the reports."""
+    lifecycle = importlib.import_module(LightCacheTestDeepCache.module.__name__.rsplit(".", 1)[0] + ".run_lifecycle")
+    with lifecycle.report_channel() as channel:
+        result = runner.run(prompt, **kwargs)
+    REPORTS.extend(channel.reports)
+    return result
 
 
 def _samples(runner, prompt, node):
@@ -192,7 +201,7 @@ def test_cache_step_runs_only_the_branch_blocks(runner, uc, family, branch):
     REPORTS.clear()
     prompt, s, model_node = _graph(family, patch={"branch": branch})
     with _BlockRecorder(UNetModel) as rec:
-        res = runner.run(prompt)
+        res = _run(runner, prompt)
     unet = res.output(model_node).model.diffusion_model
     n = len(unet.input_blocks)
     everything = {f"input_blocks.{i}" for i in range(n)} | {f"output_blocks.{j}" for j in range(n)} | {"middle_block"}
@@ -213,7 +222,7 @@ def test_cache_step_runs_only_the_branch_blocks(runner, uc, family, branch):
 def test_store_holds_exactly_one_branch_tensor_per_cfg_branch(runner, uc, family):
     REPORTS.clear()
     prompt, s, model_node = _graph(family, patch={"branch": 0})
-    res = runner.run(prompt)
+    res = _run(runner, prompt)
     config = res.output(model_node).model.model_config.unet_config
     # branch 0: h entering the last output block = output of the previous one:
     # model_channels * channel_mult[0] channels at the latent resolution, per branch the latent batch (frames for SVD).
@@ -244,7 +253,7 @@ def test_cleanup_after_an_exception(runner, uc, ksampler_ref):
     REPORTS.clear()
     STATE.clear()
     prompt, s, _ = _graph(SD15, patch={"fail_at_call": 2})  # fails in step 2, a cache step, after a store
-    res = runner.run(prompt, raise_on_error=False)
+    res = _run(runner, prompt, raise_on_error=False)
     assert res.error is not None and "injected failure" in str(res.error)
     report = REPORTS[-1]
     assert report.cache_stats["entries"] == 2 and report.cache_stats["entries_after_cleanup"] == 0
@@ -265,7 +274,7 @@ def test_embed_patch_layers_in_skipped_blocks_are_skipped(runner, uc):
     EMBED_CALLS.clear()
     REPORTS.clear()
     prompt, s, model_node = _graph(SD15, patch={"embed_patch": True})
-    res = runner.run(prompt)
+    res = _run(runner, prompt)
     unet = res.output(model_node).model.diffusion_model
     downsamples = sum(isinstance(layer, Downsample) for block in unet.input_blocks for layer in block)
     assert downsamples > 0
@@ -276,7 +285,7 @@ def test_embed_patch_layers_in_skipped_blocks_are_skipped(runner, uc):
 
 def test_control_residuals_for_skipped_blocks_are_dropped(uc):
     plan = uc.BranchPlan(branch=1, n_blocks=4, skip_input=(2, 3), skip_output=(0, 1), entry_output=2)
-    owner = uc._DeepCache(uc.DeepCacheSettings(branch=1), plan, None)
+    owner = uc._DeepCache(uc.DeepCacheSettings(branch=1), plan)
     ins = [torch.full((1,), float(i)) for i in range(4)]  # popped from the end: index 3 feeds input block 0
     outs = [torch.full((1,), 10.0 + i) for i in range(4)]
     control = {"input": list(ins), "middle": [torch.ones(1)], "output": list(outs)}
@@ -299,6 +308,45 @@ def test_settings_and_schedules(uc):
     assert S(start_percent=0.5).full_steps(10)[:5] == [0, 1, 2, 3, 4]
     non = S(schedule="nonuniform").full_steps(25)
     assert non[0] == 0 and non[-1] == 24 and len(non) == 9
-    assert S.from_threshold(0.0).interval == 1 and S.from_threshold(0.3) == S()
+    assert S.from_threshold(0.0).interval == 1 and S.from_threshold(0.6) == S() and S.from_threshold(1.2).interval == 5
     with pytest.raises(uc.DeepCacheError, match="start_percent"):
         S(start_percent=0.8, end_percent=0.2)
+
+
+TRAINED = (fixtures.TRAINED_SD15_LINK, "SD15", "trained_sd15")
+
+
+def _trained_graph(sampler_inputs=None):
+    fixture, cls, cond_family = TRAINED
+    g = Graph()
+    model = out(g.add("LightCacheTestUNetLoader", unet_name=fixture.name, family=cls))
+    cond = g.add("LightCacheTestConditioning", family=cond_family, seed=1, prompt_index=5, width=256, height=256, length=8)
+    lat = g.add("EmptyLatentImage", width=256, height=256, batch_size=8)
+    s = g.add("LightCacheSampler" if sampler_inputs else "KSampler", model=model, positive=out(cond, 0),
+              negative=out(cond, 1), latent_image=out(lat), seed=1, steps=20, cfg=5.0, sampler_name="euler",
+              scheduler="normal", denoise=1.0, **(sampler_inputs or {}))
+    return g.prompt(), s
+
+
+def _psnr(a, b):
+    mse = float(((a.float() - b.float()) ** 2).mean())
+    rng = float(b.max() - b.min())
+    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(rng * rng / mse)).item()
+
+
+def test_trained_unet_fidelity_and_the_zeroed_feature_control(runner, uc, monkeypatch):
+    """On the trained SD1.5 fixture the defaults (auto -> deepcache) stay close to KSampler, and the same run
+    with the restored deep feature zeroed lands far away: the test can tell a right cache from a wrong one."""
+    prompt, s = _trained_graph()
+    reference = _samples(runner, prompt, s)
+    prompt, s = _trained_graph(_lightcache("auto"))
+    res = runner.run(prompt)
+    good = _psnr(res.output(s)["samples"], reference)
+    report = res.output(s, 1)
+    assert "deepcache" in report and "auto chose 'deepcache'" in report, report
+    original_get = uc._Run.get
+    monkeypatch.setattr(uc._Run, "get", lambda self, uuids: None if original_get(self, uuids) is None
+                        else torch.zeros_like(original_get(self, uuids)))
+    bad = _psnr(runner.run(prompt).output(s)["samples"], reference)
+    assert good >= 40.0, report
+    assert good >= bad + 15.0, (good, bad)

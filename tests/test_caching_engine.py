@@ -1,0 +1,364 @@
+"""The hybrid caching engine on the TRAINED tiny Wan, through ComfyUI's executor.
+
+Fidelity is asserted on the trained fixture (random weights have no realistic
+trajectory), and every reuse path has a negative control: the same run with that
+path deliberately broken (zero prediction, uncond rebuilt as a copy of cond, the
+block residual dropped) must land far from KSampler, so a wrong cache cannot pass.
+"""
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from harness import fixtures, graphs
+from harness.graphs import Graph, out
+from harness.runner import PromptFailed
+
+STEPS = 20
+CFG = 5.0
+PAIR = (0, 1)  # prompt index, seed
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = float(((a.float() - b.float()) ** 2).mean())
+    rng = float(b.max() - b.min())
+    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(rng * rng / mse)).item()
+
+
+def engine():
+    """The DiT glue module as ComfyUI loaded it (a custom-node package, not importable by name)."""
+    for name, module in sys.modules.items():
+        if name.endswith("nodes.dit_cache") and hasattr(module, "DitRun"):
+            return module
+    raise AssertionError("dit_cache not loaded")
+
+
+def core():
+    """The core engine module the loaded pack uses (not the tests' own import of lightcache_core)."""
+    return sys.modules[engine().HybridEngine.__module__]
+
+
+@pytest.fixture(scope="module")
+def ksampler(runner):
+    p, ids = graphs.trained_wan(seed=PAIR[1], prompt_index=PAIR[0], cfg=CFG, steps=STEPS)
+    return runner.run(p).output(ids["sampler"])["samples"]
+
+
+def _lightcache(runner, mode, threshold, steps=STEPS, **inputs):
+    sampler_inputs = {"cache_mode": mode, "threshold": threshold, "start_percent": 0.0, "end_percent": 1.0,
+                      "cache_device": "auto", **inputs}
+    p, ids = graphs.trained_wan(seed=PAIR[1], prompt_index=PAIR[0], cfg=CFG, steps=steps, sampler="LightCacheSampler",
+                                sampler_inputs=sampler_inputs)
+    res = runner.run(p)
+    report = res.ui[ids["sampler"]]["lightcache_report"][0]
+    return res.output(ids["sampler"])["samples"], report, res.output(ids["sampler"], 1)
+
+
+# ----------------------------------------------------------------------------- negative controls
+
+def _break_step(monkeypatch):
+    def predict(self, branch, sigma):  # step reuse returning zeros
+        return torch.zeros_like(self.predict_and_base(branch, sigma)[0])
+    monkeypatch.setattr(core().Trajectory, "predict", predict)
+
+
+def _break_cfg(monkeypatch):
+    def rebuild_branch(self, cond_output, branch, sigma):  # uncond rebuilt as a copy of cond
+        return cond_output
+    monkeypatch.setattr(core().Trajectory, "rebuild_branch", rebuild_branch)
+
+
+def _break_block(monkeypatch):  # the cached block residual dropped
+    monkeypatch.setattr(core().BlockReuse, "add_residual", lambda self, evaluation, row_keys, streams: dict(streams))
+
+
+CONTROLS = {  # mode: (threshold that makes it reuse often, how to break it, dB the broken run must lose)
+    "step": (0.3, _break_step, 10.0),
+    "cfg": (1.0, _break_cfg, 6.0),
+    "block": (0.5, _break_block, 4.0),
+}
+
+
+@pytest.mark.parametrize("mode", list(CONTROLS))
+def test_negative_control_catches_a_broken_reuse_path(runner, ksampler, monkeypatch, mode):
+    threshold, breaker, margin = CONTROLS[mode]
+    good, report, text = _lightcache(runner, mode, threshold)
+    assert report["reused_by_granularity"].get(mode, 0) >= 4, text
+    good_db = _psnr(good, ksampler)
+    breaker(monkeypatch)
+    bad, bad_report, bad_text = _lightcache(runner, mode, threshold)
+    monkeypatch.undo()
+    assert bad_report["reused_by_granularity"].get(mode, 0) > 0, bad_text
+    bad_db = _psnr(bad, ksampler)
+    assert good_db >= bad_db + margin, f"{mode}: correct {good_db:.1f} dB vs broken {bad_db:.1f} dB\n{text}"
+    assert good_db >= 30.0, text  # and the correct path itself stays close to KSampler on the trained model
+
+
+def test_default_mix_on_the_trained_wan(runner, ksampler):
+    """Defaults: a real speedup at a fidelity far above what broken caches give."""
+    samples, report, text = _lightcache(runner, "mix", 0.3, steps=STEPS)
+    assert report["computed"] * 2 <= report["evaluations"] + 4, text  # about half or fewer evaluations computed
+    assert _psnr(samples, ksampler) >= 38.0, text
+
+
+# ----------------------------------------------------------------------------- the knob
+
+def test_knob_is_monotone_with_several_operating_points(runner):
+    reused = []
+    for threshold in (0.0, 0.05, 0.1, 0.2, 0.4, 0.8):
+        _, report, text = _lightcache(runner, "mix", threshold)
+        reused.append(report["reused"])
+    assert reused[0] == 0
+    assert all(b >= a for a, b in zip(reused, reused[1:])), reused
+    assert len(set(reused)) >= 4, reused
+
+
+def test_mix_picks_more_than_one_granularity_and_counts_each(runner):
+    """Where the calibrated cfg error is the cheapest that fits, mix rebuilds the uncond branch instead of
+    predicting the whole step; whatever mix picks appears in the report's counts and in its timeline."""
+    seen = set()
+    for threshold in (0.05, 0.1, 0.2):
+        _, report, text = _lightcache(runner, "mix", threshold, warmup_steps=1)
+        codes = {"S": "step", "G": "cfg", "B": "block"}
+        from_timeline = {}
+        for cell in report["timeline"]:
+            if cell["g"] in codes:
+                from_timeline[codes[cell["g"]]] = from_timeline.get(codes[cell["g"]], 0) + 1
+        assert from_timeline == report["reused_by_granularity"], text
+        seen |= set(from_timeline)
+    assert len(seen) >= 2, seen
+
+
+def test_defaults_store_nothing_they_never_read(runner):
+    _, report, text = _lightcache(runner, "mix", 0.3)
+    assert report["bytes_stored"], text
+    for granularity, stored in report["bytes_stored"].items():
+        assert stored == 0 or report["bytes_read"].get(granularity, 0) > 0, text
+
+
+# ----------------------------------------------------------------------------- block reuse on HunyuanVideo
+
+def test_hunyuan_block_reuse_stores_real_residuals_and_beats_the_dropped_control(runner, monkeypatch):
+    """HunyuanVideo's single-stream blocks update their input in place; a captured reference would be
+    overwritten by the block it measures and every residual would be 0."""
+    def run():
+        p, ids = graphs.wan_t2v(model=fixtures.HUNYUAN.name, family="hunyuan_video", length=5, steps=10, decode=None,
+                                sampler="LightCacheSampler",
+                                sampler_inputs={"cache_mode": "block", "threshold": 3.0, "start_percent": 0.0,
+                                                "end_percent": 1.0, "cache_device": "auto", "warmup_steps": 1})
+        res = runner.run(p)
+        return res.output(ids["sampler"])["samples"], res.ui[ids["sampler"]]["lightcache_report"][0]
+
+    p, ids = graphs.wan_t2v(model=fixtures.HUNYUAN.name, family="hunyuan_video", length=5, steps=10, decode=None)
+    reference = runner.run(p).output(ids["sampler"])["samples"]
+    mod = core()
+    norms = []
+    original_put = mod.HybridEngine.put
+
+    def recording_put(self, granularity, store, key, tensor, reuse_distance=None):
+        if granularity == "block":
+            norms.append(float(tensor.abs().max()))
+        return original_put(self, granularity, store, key, tensor, reuse_distance)
+
+    monkeypatch.setattr(mod.HybridEngine, "put", recording_put)
+    good, report = run()
+    assert report["reused_by_granularity"].get("block", 0) > 0, report
+    assert norms and min(norms) > 0, norms
+    _break_block(monkeypatch)
+    bad, _ = run()
+    assert _psnr(good, reference) > _psnr(bad, reference) + 3.0
+
+
+# ----------------------------------------------------------------------------- honest edges
+
+def test_cfg_mode_at_cfg_1_says_there_is_nothing_to_reuse(runner):
+    p, ids = graphs.trained_wan(seed=1, prompt_index=0, cfg=1.0, steps=10, sampler="LightCacheSampler",
+                                sampler_inputs={"cache_mode": "cfg", "threshold": 1.0, "start_percent": 0.0,
+                                                "end_percent": 1.0, "cache_device": "auto"})
+    res = runner.run(p)
+    report = res.ui[ids["sampler"]]["lightcache_report"][0]
+    assert report["reused"] == 0
+    assert any("cfg 1" in n for n in report["notes"]), report["notes"]
+
+
+def test_a_latent_that_does_not_fit_the_model_is_a_clear_error(runner):
+    g = Graph()
+    model = g.add("UNETLoader", unet_name=fixtures.WAN_T2V.name, weight_dtype="default")
+    cond = g.add("LightCacheTestConditioning", family="wan", seed=0, prompt_index=0, width=64, height=64, length=9)
+    lat = g.add("EmptyLatentImage", width=64, height=64, batch_size=1)  # 4-channel image latent for a video DiT
+    g.add("LightCacheSampler", model=out(model), positive=out(cond, 0), negative=out(cond, 1), latent_image=out(lat),
+          **{**graphs.KSAMPLER_DEFAULTS, "cache_mode": "mix", "threshold": 0.3, "start_percent": 0.0,
+             "end_percent": 1.0, "cache_device": "auto"})
+    with pytest.raises(PromptFailed) as err:
+        runner.run(g.prompt())
+    message = str(err.value)
+    assert "LightCache Sampler" in message and "latent_image" in message and "Fix" in message
+
+
+def test_stacked_easycache_is_refused_with_the_fix(runner):
+    patches = [("EasyCache", {"reuse_threshold": 0.2, "start_percent": 0.15, "end_percent": 0.95, "verbose": False})]
+    p, ids = graphs.wan_t2v(steps=4, decode=None, sampler="LightCacheSampler", model_patches=patches,
+                            sampler_inputs={"cache_mode": "mix", "threshold": 0.3, "start_percent": 0.0,
+                                            "end_percent": 1.0, "cache_device": "auto"})
+    with pytest.raises(PromptFailed) as err:
+        runner.run(p)
+    message = str(err.value)
+    assert "EasyCache" in message and "Fix" in message and "LightCache Sampler" in message
+
+
+class _InjectVace:
+    """MODEL -> MODEL whose DIFFUSION_MODEL wrapper passes a ``vace_context`` the way VaceWanModel's loader does
+    (plain Wan ignores the extra keyword), so the engine sees a side input added inside the block loop."""
+
+    CATEGORY = "_for_testing/lightcache"
+    FUNCTION = "patch"
+    RETURN_TYPES = ("MODEL",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL", {"tooltip": "model"})}}
+
+    def patch(self, model):
+        import comfy.patcher_extension
+
+        def wrapper(executor, *args, **kwargs):
+            kwargs["vace_context"] = torch.zeros(1)
+            return executor(*args, **kwargs)
+
+        m = model.clone()
+        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "lightcache_test_vace", wrapper)
+        return (m,)
+
+
+def test_block_reuse_turns_off_with_side_inputs(runner, comfy_host):
+    comfy_host.nodes.NODE_CLASS_MAPPINGS["LightCacheTestInjectVace"] = _InjectVace
+    try:
+        patches = [("LightCacheTestInjectVace", {}),
+                   ("LightCacheModelPatch", {"cache_mode": "block", "threshold": 3.0, "start_percent": 0.0,
+                                             "end_percent": 1.0, "cache_device": "auto", "warmup_steps": 1})]
+        p, ids = graphs.wan_t2v(steps=8, decode=None, model_patches=patches)
+        mod = engine()
+        runs = []
+        original = mod.DitRun.finish
+
+        def recording_finish(self, error):
+            report = original(self, error)
+            runs.append(report)
+            return report
+
+        mod.DitRun.finish = recording_finish
+        try:
+            runner.run(p)
+        finally:
+            mod.DitRun.finish = original
+    finally:
+        comfy_host.nodes.NODE_CLASS_MAPPINGS.pop("LightCacheTestInjectVace", None)
+    report = runs[-1]
+    assert report.reused_by_granularity().get("block", 0) == 0
+    assert any("VACE" in n for n in report.notes), report.notes
+
+
+# ----------------------------------------------------------------------------- threads (multi-GPU CFG split)
+
+class _ThreadedBranches:
+    """MODEL -> MODEL whose CALC_COND_BATCH wrapper (inside LightCache's) runs each CFG branch on its own thread
+    at the same time, sharing ``transformer_options``, as the host's multi-GPU CFG split does with one thread
+    per device. A barrier makes the two branches' block loops overlap."""
+
+    CATEGORY = "_for_testing/lightcache"
+    FUNCTION = "patch"
+    RETURN_TYPES = ("MODEL",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL", {"tooltip": "model"}),
+                             "threads": ("BOOLEAN", {"default": True, "tooltip": "False: the same calls, one after the other"})}}
+
+    def patch(self, model, threads):
+        import concurrent.futures
+        import threading
+
+        import comfy.patcher_extension
+
+        def wrapper(executor, model_, conds, x_in, timestep, model_options, *args, **kwargs):
+            present = [i for i, c in enumerate(conds) if c]
+            if len(present) < 2:
+                return executor(model_, conds, x_in, timestep, model_options, *args, **kwargs)
+            barrier = threading.Barrier(len(present)) if threads else None
+
+            def one(b):
+                only = [c if i == b else None for i, c in enumerate(conds)]
+                if barrier is not None:
+                    barrier.wait()
+                with torch.inference_mode():  # grad mode is per thread; the host's device threads set it too
+                    return executor(model_, only, x_in, timestep, model_options, *args, **kwargs)[b]
+
+            if threads:
+                with concurrent.futures.ThreadPoolExecutor(len(present)) as pool:
+                    results = dict(zip(present, pool.map(one, present)))
+            else:
+                results = {b: one(b) for b in present}
+            return [results.get(i, torch.zeros_like(x_in)) for i in range(len(conds))]
+
+        m = model.clone()
+        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, "lightcache_test_threads", wrapper)
+        return (m,)
+
+
+def test_branches_on_concurrent_threads_equal_a_single_thread_run(runner, comfy_host):
+    """Block reuse keeps its state per group of rows and device, under a lock: two threads sharing one
+    evaluation give the same latent as the same split evaluated on one thread."""
+    comfy_host.nodes.NODE_CLASS_MAPPINGS["LightCacheTestThreadedBranches"] = _ThreadedBranches
+    try:
+        settings = {"cache_mode": "block", "threshold": 0.8, "start_percent": 0.0, "end_percent": 1.0,
+                    "cache_device": "cpu", "warmup_steps": 1}
+        lifecycle = sys.modules[engine().__name__.rsplit(".", 1)[0] + ".run_lifecycle"]
+
+        def run(threaded: bool):
+            patches = [("LightCacheModelPatch", settings), ("LightCacheTestThreadedBranches", {"threads": threaded})]
+            p, ids = graphs.trained_wan(seed=PAIR[1], prompt_index=PAIR[0], cfg=CFG, steps=STEPS, model_patches=patches)
+            with lifecycle.report_channel() as channel:
+                samples = runner.run(p).output(ids["sampler"])["samples"]
+            return samples, channel.reports[-1]
+
+        threaded, report = run(True)
+        single, single_report = run(False)
+    finally:
+        comfy_host.nodes.NODE_CLASS_MAPPINGS.pop("LightCacheTestThreadedBranches", None)
+    assert report.reused_by_granularity().get("block", 0) > 0, report.to_text()
+    assert report.timeline_strings() == single_report.timeline_strings()
+    assert torch.allclose(threaded, single, atol=1e-5, rtol=1e-5), float((threaded - single).abs().max())
+
+
+# ----------------------------------------------------------------------------- host syncs
+
+def test_at_most_one_host_read_per_evaluation(runner, monkeypatch):
+    """Signals stay on the device: the decision reads them back once per evaluation (a GPU keeps running
+    ahead of the CPU in between). Counted through the tensor methods that read a device value on the host,
+    for calls made from the pack's own code."""
+    import os
+
+    pack_dirs = (os.sep + os.path.join("custom_nodes", "lightcache") + os.sep, os.sep + "lightcache_core" + os.sep)
+    reads = {"n": 0}
+
+    def counting(name):
+        original = getattr(torch.Tensor, name)
+
+        def method(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if any(d in caller for d in pack_dirs):
+                reads["n"] += 1
+            return original(self, *args, **kwargs)
+
+        return method
+
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    _, report, text = _lightcache(runner, "mix", 0.3)
+    monkeypatch.undo()
+    evaluations = len({cell["step"] for cell in report["timeline"]})
+    block_attempts = report["reused_by_granularity"].get("block", 0)
+    # one read per evaluation, one more per block attempt (its fresh evidence), and the schedule once per run
+    assert reads["n"] <= evaluations + block_attempts + 1, (reads["n"], evaluations, text)
