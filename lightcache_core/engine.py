@@ -40,6 +40,7 @@ from .schedules import StepWindow
 from .signals import BlockSignals, TrajectorySignals, subsample_tokens
 
 MIN_SIGMA = 1e-5  # below this an output in noise units is ill-conditioned: compute, never record
+FEW_STEPS = 8  # distilled 4-8 step runs (Lightning, lightx2v, CausVid): every step matters, none is reused
 BLOCK_CALIBRATION_PRIOR = 2.0  # block reuse's prediction starts pessimistic (see Trajectory.block_calibration)
 PLACEMENTS = ("auto", "device", "cpu")
 
@@ -219,6 +220,8 @@ class Trajectory:
         calibrated the signals; never in the final steps, outside the window, at sigma ~ 0, or past
         the safety cap."""
         engine = self.engine
+        if engine.too_few_steps:
+            return False
         if step is None or not math.isfinite(sigma) or sigma < MIN_SIGMA or not self.signals.calibrated:
             return False
         if not engine.window.allows_reuse(step, engine.total_steps, 0):
@@ -298,8 +301,8 @@ class Trajectory:
         for b in list(self.rebased):
             store.drop(self.step_key(b, "yr"))
         self.rebased.clear()
-        if last_step:
-            return  # nothing after the final step reads a history
+        if last_step or engine.too_few_steps:
+            return  # nothing reads a history after the final step, or in a run too short to reuse
         for b, v in outputs.items():
             if engine.config.extrapolation > 0 and b in self.history:
                 previous = engine.get("step", store, self.step_key(b, "y"))
@@ -516,6 +519,11 @@ class HybridEngine:
         self.blocks = BlockReuse(self)
         self._store_factory = store_factory or (lambda d: CacheStore(d, StoreConfig(placement=config.placement)))
         self._notes: set[str] = set()
+        reusable = self.total_steps - config.warmup_steps - config.final_compute_steps
+        self.too_few_steps = self.total_steps <= FEW_STEPS or reusable < 2
+        if self.too_few_steps and config.granularities and config.threshold > 0:
+            self.note(f"{self.total_steps} steps: too few to reuse any safely (few-step and distilled runs change "
+                      f"a lot per step), so every step computes; caching pays from about {FEW_STEPS + 2} steps")
 
     def note(self, text: str) -> None:
         with self.lock:

@@ -285,6 +285,25 @@ def block_side_inputs(args: tuple, kwargs: dict) -> str | None:
     return None
 
 
+def model_sigma_max(model_patcher: Any) -> float | None:
+    """The largest sigma of the model's noise schedule (1.0 for flow models), None when unknown."""
+    try:
+        sampling = model_patcher.get_model_object("model_sampling")
+        return float(sampling.sigma_max)
+    except Exception:  # noqa: BLE001 - only informs a report note
+        return None
+
+
+def torch_compile_active(model_patcher: Any) -> bool:
+    """True when the model goes through ComfyUI's torch.compile helper (TorchCompileModel and the
+    packs built on ``set_torch_compile_wrapper``): its kwargs in ``model_options`` or its APPLY_MODEL wrapper."""
+    options = getattr(model_patcher, "model_options", None) or {}
+    if "torch_compile_kwargs" in options:
+        return True
+    wrappers = (getattr(model_patcher, "wrappers", None) or {}).get(WrappersMP.APPLY_MODEL, {})
+    return "torch.compile" in wrappers
+
+
 STACKED_CACHE_KEYS = {"easycache": "EasyCache", "lazycache": "LazyCache"}
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -143,7 +144,8 @@ class CacheConfig:
 class DitRun:
     """One sampling run: the engine plus ComfyUI's side of it (clock, progress, block points)."""
 
-    def __init__(self, config: CacheConfig, sigmas: Any, cfg_scale: float, patcher: Any = None) -> None:
+    def __init__(self, config: CacheConfig, sigmas: Any, cfg_scale: float, patcher: Any = None,
+                 sigma_max: float | None = None) -> None:
         self.config = config
         self.clock = StepClock(sigmas)
         self.report = RunReport(node="LightCacheSampler", mode=config.mode, total_steps=self.clock.total_steps)
@@ -157,6 +159,16 @@ class DitRun:
         self.last_point = (layout[-1][0], layout[-1][1] - 1) if layout else None
         if self.clock.degenerate:
             self.engine.note("degenerate sigma schedule: every evaluation computes")
+        elif self.clock.values[-1] > 0 or (sigma_max is not None and self.clock.values[0] < 0.999 * sigma_max):
+            self.engine.note(f"one stage of a longer run: sigma {self.clock.values[0]:.3f} -> {self.clock.values[-1]:.3f} "
+                             f"in {self.clock.total_steps} steps; warm-up and last-step rules count within this stage")
+        if self.block_range is not None and compat.torch_compile_active(patcher):
+            self.engine.turn_block_off("block reuse off for this run: the model is compiled (TorchCompileModel) and "
+                                       "block reuse would break the compiled graph at every block; step and cfg "
+                                       "reuse stay on")
+        self._last_input = None  # (latent, sigma) of the last evaluation, weakly: a second call with both is secondary
+        if self.engine.too_few_steps:
+            self.progress.update(f"LightCache: {self.report.notes[-1]}", force=True)
 
     def _store_factory(self, patcher: Any):
         placement = CACHE_DEVICES[self.config.cache_device]
@@ -171,7 +183,7 @@ class DitRun:
     # ------------------------------------------------------------------ lifecycle
     def install(self, model_options: dict) -> None:
         """Block patches go in only when block reuse can be chosen in this run."""
-        if self.block_range is None:
+        if self.block_range is None or self.engine.block_off_reason is not None:
             return
         segment, start, end = self.block_range
         to = model_options["transformer_options"]
@@ -191,6 +203,13 @@ class DitRun:
 
     # ------------------------------------------------------------------ one evaluation (CALC_COND_BATCH)
     def evaluate(self, executor, model, conds, x_in, timestep, model_options, *args, **kwargs):
+        if self._last_input is not None and self._last_input[0]() is x_in and self._last_input[1]() is timestep:
+            # A second evaluation of the same latent within one step (skip-layer guidance, PAG-style
+            # guidance in a post-CFG function): it runs as its caller built it, uncached and unrecorded,
+            # so it neither reads a cache meant for the main evaluation nor corrupts the history.
+            self.engine.note("secondary evaluations within a step (e.g. skip-layer guidance) run uncached")
+            return executor(model, conds, x_in, timestep, model_options, *args, **kwargs)
+        self._last_input = (weakref.ref(x_in), weakref.ref(timestep) if isinstance(timestep, torch.Tensor) else lambda: None)
         start = time.perf_counter()
         present = [i for i, c in enumerate(conds) if c is not None and len(c) > 0]
         to = model_options.get("transformer_options", {})
@@ -307,7 +326,8 @@ def _start_run(guider, sigmas) -> DitRun | None:
     config = guider.model_options.get("transformer_options", {}).get(KEY)
     if not isinstance(config, CacheConfig):
         return None
-    return DitRun(config, sigmas, compat.guider_cfg_scale(guider), getattr(guider, "model_patcher", None))
+    patcher = getattr(guider, "model_patcher", None)
+    return DitRun(config, sigmas, compat.guider_cfg_scale(guider), patcher, compat.model_sigma_max(patcher))
 
 
 outer_sample_wrapper = make_outer_sample_wrapper(RUN_KEY, _start_run)

@@ -145,6 +145,7 @@ def make_outer_sample_wrapper(run_key: str, start_run: Callable[[Any, Any], Cach
         run = start_run(guider, sigmas)
         if run is None:
             return executor(*args, **kwargs)
+        node_id = compat.executing_node_id()
         error: BaseException | None = None
         try:
             options = compat.create_model_options_clone(original)
@@ -161,6 +162,9 @@ def make_outer_sample_wrapper(run_key: str, start_run: Callable[[Any, Any], Cach
             guider.model_options = original
             report = run.finish(error)
             log.info("[LightCache] %s", report.summary_line())
+            # Under the sampler node that ran: with Model Patch + KSamplerAdvanced (e.g. each stage of a
+            # Wan 2.2 two-expert run) this is where the stage's report shows.
+            compat.send_progress_text(report.summary_line(), node_id)
             channel = _CHANNEL.get()
             if channel is not None:
                 channel.deliver(report)

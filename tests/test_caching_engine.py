@@ -362,3 +362,114 @@ def test_at_most_one_host_read_per_evaluation(runner, monkeypatch):
     block_attempts = report["reused_by_granularity"].get("block", 0)
     # one read per evaluation, one more per block attempt (its fresh evidence), and the schedule once per run
     assert reads["n"] <= evaluations + block_attempts + 1, (reads["n"], evaluations, text)
+
+
+# ----------------------------------------------------------------------------- what users run beside it
+
+def test_few_step_runs_compute_everything_and_say_why(runner):
+    """A 4-step cfg 1 run (distilled LoRAs, Lightning): nothing is safe to reuse; the result is KSampler's."""
+    p, ids = graphs.trained_wan(seed=1, prompt_index=0, cfg=1.0, steps=4)
+    reference = runner.run(p).output(ids["sampler"])["samples"]
+    p, ids = graphs.trained_wan(seed=1, prompt_index=0, cfg=1.0, steps=4, sampler="LightCacheSampler",
+                                sampler_inputs={"cache_mode": "auto", "threshold": 3.0, "start_percent": 0.0,
+                                                "end_percent": 1.0, "cache_device": "auto"})
+    res = runner.run(p)
+    assert torch.equal(res.output(ids["sampler"])["samples"], reference)
+    report = res.ui[ids["sampler"]]["lightcache_report"][0]
+    assert report["reused"] == 0 and any("too few" in n for n in report["notes"]), report["notes"]
+    assert any("too few" in t for t in res.progress_texts(ids["sampler"])), res.progress_texts(ids["sampler"])
+
+
+def _tiny_wan_lora(models_dir) -> str:
+    """A small seeded LoRA for the tiny random Wan's feed-forward layers (ComfyUI's lora_up/lora_down keys)."""
+    from safetensors.torch import save_file
+
+    name = "lightcache_test_wan_lora.safetensors"
+    path = models_dir / "loras" / name
+    if not path.exists():
+        gen = torch.Generator().manual_seed(7)
+        tensors = {}
+        for block in range(2):  # fixtures.build_wan21: dim 128, ffn 256, 2 blocks
+            base = f"diffusion_model.blocks.{block}.ffn.0"
+            tensors[f"{base}.lora_down.weight"] = torch.randn(4, 128, generator=gen) * 0.2
+            tensors[f"{base}.lora_up.weight"] = torch.randn(256, 4, generator=gen) * 0.2
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path))
+    return name
+
+
+def test_lora_works_with_the_cache(runner, models_dir):
+    lora = _tiny_wan_lora(models_dir)
+    patches = [("LoraLoaderModelOnly", {"lora_name": lora, "strength_model": 1.0})]
+
+    def run(mode):
+        p, ids = graphs.wan_t2v(steps=10, decode=None, model_patches=patches,
+                                **({} if mode is None else {"sampler": "LightCacheSampler", "sampler_inputs": {
+                                    "cache_mode": mode, "threshold": 3.0, "start_percent": 0.0, "end_percent": 1.0,
+                                    "cache_device": "auto", "warmup_steps": 1}}))
+        res = runner.run(p)
+        return res.output(ids["sampler"])["samples"], res
+    with_lora, _ = run(None)
+    p, ids = graphs.wan_t2v(steps=10, decode=None)
+    without = runner.run(p).output(ids["sampler"])["samples"]
+    assert not torch.allclose(with_lora, without, atol=1e-4), "the LoRA had no effect: the test proves nothing"
+    off, _ = run("off")
+    assert torch.equal(off, with_lora)
+    cached, _ = run("mix")
+    assert _psnr(cached, with_lora) > _psnr(cached, without)  # the cache predicts the LoRA'd model, not the base
+
+
+class _CompileEager:
+    """MODEL -> MODEL: ComfyUI's own torch.compile helper (what TorchCompileModel calls) with the cheap 'eager'
+    backend, so the test does not spend minutes in inductor; the model patcher ends up exactly as
+    TorchCompileModel leaves it (its APPLY_MODEL wrapper and compile kwargs)."""
+
+    CATEGORY = "_for_testing/lightcache"
+    FUNCTION = "patch"
+    RETURN_TYPES = ("MODEL",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL", {"tooltip": "model"})}}
+
+    def patch(self, model):
+        from comfy_api.torch_helpers import set_torch_compile_wrapper
+
+        m = model.clone()
+        set_torch_compile_wrapper(model=m, backend="eager")
+        return (m,)
+
+
+def test_torch_compile_keeps_step_reuse_and_turns_block_reuse_off(runner, comfy_host):
+    comfy_host.nodes.NODE_CLASS_MAPPINGS["LightCacheTestCompileEager"] = _CompileEager
+    try:
+        p, ids = graphs.trained_wan(seed=1, prompt_index=0, cfg=CFG, steps=STEPS,
+                                    model_patches=[("LightCacheTestCompileEager", {})], sampler="LightCacheSampler",
+                                    sampler_inputs={"cache_mode": "mix", "threshold": 0.6, "start_percent": 0.0,
+                                                    "end_percent": 1.0, "cache_device": "auto"})
+        res = runner.run(p)
+    finally:
+        comfy_host.nodes.NODE_CLASS_MAPPINGS.pop("LightCacheTestCompileEager", None)
+    report = res.ui[ids["sampler"]]["lightcache_report"][0]
+    assert report["reused_by_granularity"].get("step", 0) > 0
+    assert "block" not in report["reused_by_granularity"]
+    assert any("compiled" in n for n in report["notes"]), report["notes"]
+
+
+def test_skip_layer_guidance_evaluations_run_uncached(runner, ksampler):
+    """SkipLayerGuidanceDiT calls the model a second time in each step (skipped layers, cond only) from a
+    post-CFG function; that call must neither read the cache nor enter its history."""
+    slg = ("SkipLayerGuidanceDiT", {"double_layers": "3", "single_layers": "", "scale": 2.0, "start_percent": 0.0,
+                                    "end_percent": 1.0, "rescaling_scale": 0.0})
+    p, ids = graphs.trained_wan(seed=PAIR[1], prompt_index=PAIR[0], cfg=CFG, steps=STEPS, model_patches=[slg])
+    reference = runner.run(p).output(ids["sampler"])["samples"]
+    assert _psnr(reference, ksampler) < 40, "SLG changed nothing: the test would prove nothing"
+    p, ids = graphs.trained_wan(seed=PAIR[1], prompt_index=PAIR[0], cfg=CFG, steps=STEPS, model_patches=[slg],
+                                sampler="LightCacheSampler",
+                                sampler_inputs={"cache_mode": "mix", "threshold": 0.6, "start_percent": 0.0,
+                                                "end_percent": 1.0, "cache_device": "auto"})
+    res = runner.run(p)
+    report = res.ui[ids["sampler"]]["lightcache_report"][0]
+    assert report["evaluations"] == 2 * STEPS  # the SLG calls are not the cache's evaluations
+    assert any("secondary" in n for n in report["notes"]), report["notes"]
+    assert _psnr(res.output(ids["sampler"])["samples"], reference) >= 30.0

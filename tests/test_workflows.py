@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from harness import motion_modules, third_party, workflow
+from harness import fixtures, motion_modules, third_party, workflow
 
 FILES = sorted(p.name for p in workflow.WORKFLOWS_DIR.glob("*.json"))
 FAMILY = {  # which tiny fixture family each workflow runs on
@@ -15,10 +15,12 @@ FAMILY = {  # which tiny fixture family each workflow runs on
     "lightcache_wan22_ti2v_5B.json": "wan",
     "lightcache_hunyuan_video_t2v.json": "hunyuan_video",
     "lightcache_svd_xt_img2vid.json": "svd",
+    "lightcache_wan22_t2v_a14b_two_stage.json": "wan_two_stage",
     # tiny SD1.5 UNet + tiny motion module through the real AnimateDiff-Evolved (skipped when its tarball is absent)
     "lightcache_animatediff_lightning.json": "animatediff",
 }
-PACK_TYPES = {"LightCacheSampler", "ChunkedModelPatch", "SlicedVAEDecode"}
+PACK_TYPES = {"ChunkedModelPatch", "SlicedVAEDecode"}
+CACHE_TYPES = {"LightCacheSampler", "LightCacheModelPatch"}  # the sampler, or the patch on each expert of a two-stage run
 
 
 def test_every_workflow_is_listed():
@@ -36,7 +38,7 @@ def test_workflow_is_ui_format_with_known_nodes_and_consistent_links(comfy_host,
     assert len(nodes) == len(data["nodes"]), "duplicate node ids"
     assert data["last_node_id"] >= max(nodes)
     types = {n["type"] for n in nodes.values()}
-    assert PACK_TYPES <= types, f"{name} must use all three LightCache nodes"
+    assert PACK_TYPES <= types and types & CACHE_TYPES, f"{name} must use all three LightCache nodes"
     assert "Note" in types, f"{name} needs a note explaining the settings"
     for t in types - workflow.FRONTEND_ONLY_NODES:
         assert t in comfy_host.nodes.NODE_CLASS_MAPPINGS or workflow.missing_pack(t), f"{name}: unknown node type {t}"
@@ -62,11 +64,17 @@ def test_workflow_executes_on_tiny_fixtures(runner, models_dir, name):
     if missing:
         pytest.skip(f"{name} needs {', '.join(missing)}, which is not installed here")
     family = FAMILY[name]
+    if family in workflow.TWO_EXPERTS:
+        fixtures.ensure_fixtures(models_dir, which=(fixtures.WAN_T2V_LARGE,))
     size = dict(width=64, height=64, length=4) if family == "svd" else dict(width=64, height=64, length=9)
     api = workflow.adapt_for_fixtures(workflow.ui_to_api(data), family, steps=4, **size)
     result = runner.run(api)
     saved = [k for k, v in api.items() if v["class_type"] == "SaveAnimatedWEBP"]
     assert saved and result.ui.get(saved[0], {}).get("images"), f"{name}: nothing saved"
-    sampler = next(k for k, v in api.items() if v["class_type"] == "LightCacheSampler")
-    report = result.output(sampler, 1)
-    assert isinstance(report, str) and report
+    sampler = next((k for k, v in api.items() if v["class_type"] == "LightCacheSampler"), None)
+    if sampler is not None:
+        report = result.output(sampler, 1)
+        assert isinstance(report, str) and report
+    else:  # a two-stage run: each stage's report goes under its own sampler node
+        stages = [k for k, v in api.items() if v["class_type"] == "KSamplerAdvanced"]
+        assert len(stages) == 2 and all(any("LightCache" in t for t in result.progress_texts(k)) for k in stages)

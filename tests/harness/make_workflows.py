@@ -17,20 +17,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness import host  # noqa: E402
 
-LIGHTCACHE_NOTE = (
-    "LightCache, recommended settings\n"
-    "- Chunked Model Patch (mode auto): runs the largest feature maps of computed steps in chunks sized from free VRAM. "
-    "Exact: same output, lower peak memory.\n"
-    "- LightCache Sampler (cache_mode mix, threshold {threshold}): drop-in KSampler; per step it reuses the whole step, the "
-    "negative (CFG) branch or the middle blocks when the accumulated change allows, and computes otherwise. "
-    "cache_device auto keeps big cached features in pinned CPU memory. Lower threshold = closer to KSampler; "
-    "cache_mode off = exactly KSampler. The second output is a readable report of what was reused.\n"
-    "- Sliced VAE Decode (auto): decodes the video a few latent frames at a time, carrying the causal state, "
-    "so the result equals VAE Decode with much lower peak memory.\n"
-)
+CHUNK_NOTE = ("- Chunked Model Patch (mode auto): runs the largest feature maps of computed steps in chunks sized from "
+              "free VRAM. Exact: same output, lower peak memory.\n")
+DECODE_NOTE = ("- Sliced VAE Decode (auto): decodes the video a few latent frames at a time, carrying the causal state, "
+               "so the result equals VAE Decode with much lower peak memory.\n")
+MIX_NOTE = (
+    "- LightCache Sampler (cache_mode auto = mix for this transformer, threshold {threshold}): drop-in KSampler. Per step "
+    "it predicts the whole step from the last computed ones, rebuilds the negative (CFG) branch, or reuses the middle "
+    "blocks, whichever is cheapest while the predicted error fits the threshold, and computes otherwise. cache_device "
+    "auto keeps big cached features in pinned CPU memory. Lower threshold = closer to KSampler; cache_mode off = "
+    "exactly KSampler. The second output is a readable report of what was reused.\n")
+DEEPCACHE_NOTE = (
+    "- LightCache Sampler (cache_mode {mode}, threshold {threshold}): drop-in KSampler. On this UNet it reuses the deep "
+    "UNet features between steps (DeepCache): full steps run every block, cache steps run only the outer blocks and "
+    "take the deep feature from the cache. The threshold sets how many cache steps follow each full step (default "
+    "0.6: two). cache_mode off = exactly KSampler. The second output is a readable report of what was reused.\n")
+TWO_STAGE_NOTE = (
+    "- LightCache Model Patch on each expert (high noise, low noise): each KSamplerAdvanced stage runs its own cache, "
+    "with its own threshold; warm-up and last-step rules count within the stage's own steps, nothing cached in one "
+    "stage is reused in the other, and each stage's report appears under its sampler and in the log. The high-noise "
+    "stage lays out motion and composition: keep its threshold lower (0.3); the low-noise stage refines detail and "
+    "takes more reuse (0.6).\n")
 
 
-def _sampler(model, pos, neg, latent, steps, cfg, sampler="uni_pc", scheduler="simple", threshold=None, mode="mix", seed=42):
+def _sampler(model, pos, neg, latent, steps, cfg, sampler="uni_pc", scheduler="simple", threshold=None, mode="auto", seed=42):
     inputs = dict(model=model, seed=seed, steps=steps, cfg=cfg, sampler_name=sampler, scheduler=scheduler, positive=pos,
                   negative=neg, latent_image=latent, denoise=1.0, cache_mode=mode, start_percent=0.0, end_percent=1.0,
                   cache_device="auto")
@@ -89,7 +99,7 @@ def svd_xt() -> tuple[dict, dict, str]:
                                                                    "height": 576, "video_frames": 25, "motion_bucket_id": 127, "fps": 6, "augmentation_level": 0.0}},
         "4": {"class_type": "VideoLinearCFGGuidance", "inputs": {"model": ["1", 0], "min_cfg": 1.0}},
         "5": {"class_type": "ChunkedModelPatch", "inputs": {"model": ["4", 0]}},
-        "9": _sampler(["5", 0], ["3", 0], ["3", 1], ["3", 2], 25, 2.5, sampler="euler", scheduler="karras", mode="deepcache"),
+        "9": _sampler(["5", 0], ["3", 0], ["3", 1], ["3", 2], 25, 2.5, sampler="euler", scheduler="karras"),
         "10": {"class_type": "SlicedVAEDecode", "inputs": {"samples": ["9", 0], "vae": ["1", 2]}},
         "11": {"class_type": "SaveAnimatedWEBP", "inputs": {"images": ["10", 0], "filename_prefix": "LightCache/svd", "fps": 6.0,
                                                             "lossless": False, "quality": 90, "method": "default"}},
@@ -108,7 +118,7 @@ def animatediff_lightning() -> tuple[dict, dict, str]:
         "6": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a girl smiling, soft light, photorealistic"}},
         "7": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
         "8": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 512, "batch_size": 16}},
-        "9": _sampler(["5", 0], ["6", 0], ["7", 0], ["8", 0], 8, 1.0, sampler="euler", scheduler="sgm_uniform", mode="deepcache"),
+        "9": _sampler(["5", 0], ["6", 0], ["7", 0], ["8", 0], 8, 1.0, sampler="euler", scheduler="sgm_uniform"),
         "10": {"class_type": "SlicedVAEDecode", "inputs": {"samples": ["9", 0], "vae": ["1", 2]}},
         "11": {"class_type": "SaveAnimatedWEBP", "inputs": {"images": ["10", 0], "filename_prefix": "LightCache/animatediff", "fps": 8.0,
                                                             "lossless": False, "quality": 90, "method": "default"}},
@@ -116,6 +126,41 @@ def animatediff_lightning() -> tuple[dict, dict, str]:
     pos = {"1": (40, 80), "2": (40, 300), "3": (40, 440), "4": (400, 80), "5": (400, 240), "6": (400, 400), "7": (400, 640),
            "8": (780, 760), "9": (780, 80), "10": (1200, 80), "11": (1200, 380)}
     return p, pos, "AnimateDiff-Lightning 8-step (needs ComfyUI-AnimateDiff-Evolved)"
+
+
+def wan22_a14b_two_stage() -> tuple[dict, dict, str]:
+    """Wan 2.2 T2V A14B: the high-noise expert for the first half of the steps, the low-noise expert for the rest."""
+    common = dict(noise_seed=42, steps=20, cfg=3.5, sampler_name="euler", scheduler="simple")
+    p = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors", "weight_dtype": "default"}},
+        "2": {"class_type": "UNETLoader", "inputs": {"unet_name": "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors", "weight_dtype": "default"}},
+        "3": {"class_type": "CLIPLoader", "inputs": {"clip_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "type": "wan"}},
+        "4": {"class_type": "VAELoader", "inputs": {"vae_name": "wan_2.1_vae.safetensors"}},
+        "5": {"class_type": "ModelSamplingSD3", "inputs": {"model": ["1", 0], "shift": 8.0}},
+        "6": {"class_type": "ModelSamplingSD3", "inputs": {"model": ["2", 0], "shift": 8.0}},
+        "7": {"class_type": "ChunkedModelPatch", "inputs": {"model": ["5", 0]}},
+        "8": {"class_type": "ChunkedModelPatch", "inputs": {"model": ["6", 0]}},
+        "9": {"class_type": "LightCacheModelPatch", "inputs": {"model": ["7", 0], "cache_mode": "auto", "threshold": 0.3, "start_percent": 0.0,
+                                                                "end_percent": 1.0, "cache_device": "auto"}},
+        "10": {"class_type": "LightCacheModelPatch", "inputs": {"model": ["8", 0], "cache_mode": "auto", "threshold": 0.6, "start_percent": 0.0,
+                                                                 "end_percent": 1.0, "cache_device": "auto"}},
+        "11": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["3", 0], "text": "a fox running through fresh snow at sunrise, cinematic, detailed fur"}},
+        "12": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["3", 0], "text": "blurry, low quality, static, watermark, text"}},
+        "13": {"class_type": "EmptyHunyuanLatentVideo", "inputs": {"width": 1280, "height": 720, "length": 81, "batch_size": 1}},
+        "14": {"class_type": "KSamplerAdvanced", "inputs": {"model": ["9", 0], "add_noise": "enable", "positive": ["11", 0], "negative": ["12", 0],
+                                                             "latent_image": ["13", 0], "start_at_step": 0, "end_at_step": 10,
+                                                             "return_with_leftover_noise": "enable", **common}},
+        "15": {"class_type": "KSamplerAdvanced", "inputs": {"model": ["10", 0], "add_noise": "disable", "positive": ["11", 0], "negative": ["12", 0],
+                                                             "latent_image": ["14", 0], "start_at_step": 10, "end_at_step": 10000,
+                                                             "return_with_leftover_noise": "disable", **common}},
+        "16": {"class_type": "SlicedVAEDecode", "inputs": {"samples": ["15", 0], "vae": ["4", 0]}},
+        "17": {"class_type": "SaveAnimatedWEBP", "inputs": {"images": ["16", 0], "filename_prefix": "LightCache/wan22_a14b", "fps": 16.0,
+                                                             "lossless": False, "quality": 90, "method": "default"}},
+    }
+    pos = {"1": (40, 80), "2": (40, 240), "3": (40, 400), "4": (40, 560), "5": (380, 80), "6": (380, 240), "7": (380, 400),
+           "8": (380, 520), "9": (720, 80), "10": (720, 420), "11": (380, 700), "12": (380, 940), "13": (720, 760),
+           "14": (1100, 80), "15": (1100, 520), "16": (1480, 80), "17": (1480, 380)}
+    return p, pos, "Wan 2.2 T2V A14B two-stage (high noise, then low noise)"
 
 
 WORKFLOWS = {
@@ -129,6 +174,8 @@ WORKFLOWS = {
                                           "Models: hunyuan_video_t2v_720p_bf16.safetensors (diffusion_models), clip_l.safetensors + llava_llama3_fp8_scaled.safetensors (text_encoders), hunyuan_video_vae_bf16.safetensors (vae). Sliced VAE Decode falls back to VAE Decode for this VAE and says so in its report."),
     "lightcache_svd_xt_img2vid.json": (svd_xt,
                                        "Models: svd_xt.safetensors (checkpoints). Put your start image in ComfyUI/input. cache_mode deepcache reuses the deep UNet features; threshold trades speed for fidelity."),
+    "lightcache_wan22_t2v_a14b_two_stage.json": (wan22_a14b_two_stage,
+                                                 "Models: wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors and wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors (diffusion_models), umt5_xxl_fp8_e4m3fn_scaled.safetensors (text_encoders), wan_2.1_vae.safetensors (vae). Two KSamplerAdvanced stages split the 20 steps at step 10."),
     "lightcache_animatediff_lightning.json": (animatediff_lightning,
                                               "Needs the ComfyUI-AnimateDiff-Evolved pack. Models: epicrealism_naturalSinRC1VAE.safetensors (checkpoints), animatediff_lightning_8step_comfyui.safetensors (animatediff_models). cfg 1 as Lightning expects; deepcache skips the motion modules inside skipped UNet blocks and runs those in recomputed blocks."),
 }
@@ -140,11 +187,17 @@ def build_all() -> dict[str, dict]:
     out = {}
     for name, (spec, models_line) in WORKFLOWS.items():
         prompt, positions, title = spec()
-        sampler = next(n for n in prompt.values() if n["class_type"] == "LightCacheSampler")["inputs"]
-        threshold = sampler.get("threshold", "default")
-        note = f"{title} with LightCache\n{models_line}\n\n" + LIGHTCACHE_NOTE.format(threshold=threshold)
-        if sampler.get("cache_mode") == "deepcache":
-            note = note.replace("LightCache Sampler (cache_mode mix", "LightCache Sampler (cache_mode deepcache")
+        sampler = next((n["inputs"] for n in prompt.values() if n["class_type"] == "LightCacheSampler"), None)
+        unet = any(n["class_type"] in ("ImageOnlyCheckpointLoader", "CheckpointLoaderSimple") for n in prompt.values())
+        if sampler is None:
+            cache = TWO_STAGE_NOTE
+        elif unet:
+            cache = DEEPCACHE_NOTE.format(mode=sampler.get("cache_mode", "auto") + (" = deepcache for this UNet"
+                                          if sampler.get("cache_mode", "auto") == "auto" else ""),
+                                          threshold=sampler.get("threshold", "default"))
+        else:
+            cache = MIX_NOTE.format(threshold=sampler.get("threshold", "default"))
+        note = f"{title} with LightCache\n{models_line}\n\n" + "LightCache, recommended settings\n" + CHUNK_NOTE + cache + DECODE_NOTE
         out[name] = api_to_ui(prompt, positions=positions, notes=[{"text": note, "pos": (40, -300), "size": (1100, 320)}])
     return out
 

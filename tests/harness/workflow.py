@@ -181,6 +181,11 @@ MODEL_FILES = {
     "wan": fixtures.WAN_T2V.name, "wan_i2v": fixtures.WAN_I2V.name, "hunyuan_video": fixtures.HUNYUAN.name,
     "trained_wan": fixtures.TRAINED_WAN_LINK.name,
 }
+# Two-expert runs (Wan 2.2 A14B): the UNETLoaders, in node order, get two *different* fixtures.
+TWO_EXPERTS = {
+    "wan_two_stage": ((fixtures.WAN_T2V_LARGE.name, fixtures.WAN_T2V.name), "wan"),
+    "trained_wan_two_stage": ((fixtures.WAN_T2V_LARGE.name, fixtures.TRAINED_WAN_LINK.name), "trained_wan"),
+}
 # AnimateDiff on SD1.5 (needs ComfyUI-AnimateDiff-Evolved): family -> (SD1.5 UNet, its motion module, the
 # conditioning family, beta schedule). "animatediff" keeps the workflow's AnimateDiff schedule; the trained
 # fixture was trained with SD1.5's own schedule, so "trained_animatediff" uses that ("use existing").
@@ -208,6 +213,8 @@ def adapt_for_fixtures(prompt: dict, family: str, *, width: int = 64, height: in
     * SVD's checkpoint loader and image conditioning -> the test UNet loader,
       the SD VAE, the test conditioning and an empty latent of ``length`` frames;
     * Wan 2.2's image-to-video latent -> an empty Wan latent;
+    * two-expert runs (``wan_two_stage``/``trained_wan_two_stage``): the UNETLoaders, in node order, get two
+      different fixtures (``TWO_EXPERTS``);
     * AnimateDiff (``animatediff``/``trained_animatediff``): the SD1.5 checkpoint loader -> the test
       UNet loader (tiny SD1.5 UNet) and the SD VAE; ``ADE_LoadAnimateDiffModel`` -> the test-only
       ``LightCacheTestMotionModelLoader`` with the UNet's tiny motion module (AnimateDiff-Evolved's
@@ -218,6 +225,9 @@ def adapt_for_fixtures(prompt: dict, family: str, *, width: int = 64, height: in
     """
     prompt = copy.deepcopy(prompt)
     animatediff = ANIMATEDIFF.get(family)
+    experts = list(TWO_EXPERTS[family][0]) if family in TWO_EXPERTS else None
+    if experts:
+        family = TWO_EXPERTS[family][1]
     vae = vae or (fixtures.SD_VAE.name if family == "svd" or animatediff else fixtures.WAN_VAE.name)
     cond_family = animatediff[2] if animatediff else family
     next_id = max(int(k) for k in prompt) + 1
@@ -231,7 +241,7 @@ def adapt_for_fixtures(prompt: dict, family: str, *, width: int = 64, height: in
     for index, (node_id, node) in enumerate(sorted(prompt.items())):
         ct, inputs = node["class_type"], node["inputs"]
         if ct == "UNETLoader":
-            inputs.update(unet_name=MODEL_FILES[family], weight_dtype="default")
+            inputs.update(unet_name=experts.pop(0) if experts else MODEL_FILES[family], weight_dtype="default")
         elif ct == "VAELoader":
             inputs["vae_name"] = vae
         elif ct in TEXT_ENCODE:
@@ -258,6 +268,9 @@ def adapt_for_fixtures(prompt: dict, family: str, *, width: int = 64, height: in
             latent = add("EmptyLatentImage", width=width, height=height, batch_size=length)
             _rewire(prompt, node_id, {0: [cond, 0], 1: [cond, 1], 2: [latent, 0]})
         if "steps" in inputs and not isinstance(inputs["steps"], list):
+            for key in ("start_at_step", "end_at_step"):  # stage boundaries keep their place in the shorter run
+                if isinstance(inputs.get(key), int) and inputs[key] < inputs["steps"]:
+                    inputs[key] = round(inputs[key] * steps / inputs["steps"])
             inputs["steps"] = steps
     # The test node's output 1 is the family's negative (the empty prompt for
     # the trained fixtures): wire it wherever an encoder fed a "negative" input.
