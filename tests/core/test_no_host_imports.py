@@ -1,39 +1,70 @@
 """lightcache_core must stay host-independent: no ComfyUI imports, only relative
-imports inside the package, and only torch/einops/stdlib from outside."""
+imports inside the package, and only torch/einops/stdlib from outside. The diffusers
+adapter may import diffusers, but only inside functions (when a cache is applied):
+importing the core, adapter included, loads neither ComfyUI nor diffusers."""
 
 import ast
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from harness.corelink import PYPATH
 
 HOST_MODULES = ("comfy", "nodes", "folder_paths", "comfy_api", "comfy_extras")
+OPTIONAL_MODULES = ("diffusers", "transformers")  # the [diffusers] extra; lazily, inside functions only
+LAZY_IMPORTERS = {"diffusers_adapter.py": {"diffusers"}}  # file -> what it may import inside a function
 CORE = Path(__file__).resolve().parents[2] / "lightcache_core"
 
 
-def test_importing_core_loads_no_host_module(tmp_path):
+def _import_and_list(tmp_path, module: str, roots: tuple) -> subprocess.CompletedProcess:
+    """Import ``module`` in a fresh interpreter (``tmp_path`` and the core's link folder on its path) and fail
+    if any module under ``roots`` got loaded."""
     code = (
         "import sys\n"
-        f"sys.path.insert(0, {str(PYPATH)!r})\n"
-        "import lightcache_core\n"
-        f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {HOST_MODULES!r})\n"
+        f"sys.path[:0] = [{str(tmp_path)!r}, {str(PYPATH)!r}]\n"
+        f"import {module}\n"
+        f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {roots!r})\n"
         "assert not bad, bad\n"
-        "print('ok', lightcache_core.__file__)\n"
+        f"print('ok', {module}.__file__)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+
+def test_importing_core_loads_no_host_module(tmp_path):
+    result = _import_and_list(tmp_path, "lightcache_core", HOST_MODULES + OPTIONAL_MODULES)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ok")
 
 
+def test_importing_the_diffusers_adapter_loads_neither_comfy_nor_diffusers(tmp_path):
+    result = _import_and_list(tmp_path, "lightcache_core.diffusers_adapter", HOST_MODULES + OPTIONAL_MODULES)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ok")
+
+
+def test_the_import_check_sees_an_eager_import(tmp_path):
+    """Negative control: the same check fails for a module that does import diffusers when imported."""
+    pytest.importorskip("diffusers", reason="diffusers not installed: nothing to import eagerly")
+    (tmp_path / "eager_adapter.py").write_text("import diffusers.hooks\n")
+    result = _import_and_list(tmp_path, "eager_adapter", OPTIONAL_MODULES)
+    assert result.returncode != 0 and "'diffusers'" in result.stderr, result.stderr
+
+
 def _imports(path):
+    """(level, module, inside a function) of every import statement in ``path``."""
     tree = ast.parse(path.read_text(), filename=str(path))
+    nested: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            nested.update(id(inner) for inner in ast.walk(node) if inner is not node)
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
-                yield 0, alias.name
+                yield 0, alias.name, id(node) in nested
         elif isinstance(node, ast.ImportFrom):
-            yield node.level, node.module or ""
+            yield node.level, node.module or "", id(node) in nested
 
 
 def test_static_imports_are_allowed():
@@ -41,13 +72,28 @@ def test_static_imports_are_allowed():
     files = sorted(CORE.glob("*.py"))
     assert files
     for path in files:
-        for level, module in _imports(path):
+        lazy = LAZY_IMPORTERS.get(path.name, set())
+        for level, module, in_function in _imports(path):
             if level > 0:
                 continue  # relative import inside the package
             root = module.split(".")[0]
             assert root not in HOST_MODULES, f"{path.name} imports host module {module}"
             assert root != "lightcache_core", f"{path.name} must use relative imports, found {module}"
+            if root in lazy:
+                assert in_function, f"{path.name} imports {module} at module level; it must do so inside a function"
+                continue
             assert root in allowed_roots, f"{path.name} imports {module}; only torch/einops/stdlib allowed"
+
+
+def test_the_static_check_sees_a_module_level_diffusers_import():
+    """Negative control for the rule above: a module-level import is found and flagged."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "diffusers_adapter.py"
+        path.write_text("import torch\nfrom diffusers.hooks import ModelHook\n\ndef f():\n    import diffusers\n")
+        found = list(_imports(path))
+    assert (0, "diffusers.hooks", False) in found and (0, "diffusers", True) in found
 
 
 def test_text_grep_for_host_imports():
