@@ -368,13 +368,15 @@ class BlockReuse:
     4. ``model_output(h)`` after the model's last block, for the signals.
     """
 
-    SIGNAL_STRIDE = 4
+    # The block signals see every 16th token and 4th channel: four such copies per evaluation are
+    # 1/16 of one hidden state, in its own dtype (about 90 MiB for Wan 14B at 720p, batched CFG).
+    TOKEN_STRIDE, CHANNEL_STRIDE = 16, 4
 
     def __init__(self, engine: HybridEngine) -> None:
         self.engine = engine
 
     def _sub(self, h: torch.Tensor) -> torch.Tensor:
-        return subsample_tokens(h, self.SIGNAL_STRIDE)
+        return subsample_tokens(h, self.TOKEN_STRIDE, self.CHANNEL_STRIDE)
 
     def group_state(self, evaluation: Evaluation, group: Hashable) -> BlockGroup:
         with self.engine.lock:
@@ -408,8 +410,34 @@ class BlockReuse:
         scratch["first"] = first
         scratch["src_sub"] = self._sub(img)
         if (evaluation.decision.wants_block_residual or evaluation.kind == "block") and engine.block_off_reason is None:
-            scratch["src"] = {k: v.detach().clone() for k, v in streams.items() if isinstance(v, torch.Tensor)}
+            scratch["src"] = self._keep_input(evaluation, group, streams)
         return False
+
+    def _keep_input(self, evaluation: Evaluation, group: Hashable, streams: dict[str, torch.Tensor]) -> dict:
+        """The range's input, for ``output - input`` once the range has run. A copy, because Flux-style
+        blocks update their input in place. With ``cpu`` placement it goes straight to the store (host
+        memory, copied asynchronously) and comes back at the range's end, so caching the middle blocks
+        holds no extra hidden state on the device while they run; otherwise a device clone."""
+        engine = self.engine
+        kept = {}
+        for k, v in streams.items():
+            if not isinstance(v, torch.Tensor):
+                continue
+            if engine.config.placement == "cpu":
+                key = ("block_input", evaluation.trajectory.key, id(evaluation), group, k)
+                engine.store_for(v.device).put(key, v.detach())
+                kept[k] = key
+            else:
+                kept[k] = v.detach().clone()
+        return kept
+
+    def _input_back(self, kept, device: torch.device) -> torch.Tensor:
+        if isinstance(kept, torch.Tensor):
+            return kept
+        store = self.engine.store_for(device)
+        value = store.get(kept)
+        store.drop(kept)
+        return value
 
     def _first_residual(self, scratch: dict, img: torch.Tensor) -> torch.Tensor:
         """Subsampled residual of the blocks before the range (the range input itself when none run before
@@ -439,17 +467,26 @@ class BlockReuse:
         scratch["middle"] = self._sub(out_img) - scratch.pop("src_sub")
         src = scratch.pop("src", None)
         store = engine.store_for(out_img.device)
-        if src is None or engine.block_off_reason is not None:
+        if src is not None and engine.block_off_reason is not None:
+            for kept in src.values():  # turned off mid-evaluation: the kept input goes
+                if not isinstance(kept, torch.Tensor):
+                    store.drop(kept)
+            src = None
+        if src is None:
             if state.ready:  # an older residual must never be reused after a newer compute
                 for key in [("block", trajectory.key, r, k) for r in row_keys for k in STREAMS]:
                     store.drop(key)
                 state.ready = False
             return
-        for k, before in src.items():
+        for k, kept in src.items():
             after = streams_out.get(k)
-            if not isinstance(after, torch.Tensor) or after.shape != before.shape:
+            if not isinstance(after, torch.Tensor):
+                continue
+            before = self._input_back(kept, after.device)
+            if before is None or after.shape != before.shape:
                 continue
             residual = (after - before).detach()
+            del before
             rows = residual.shape[0] // len(row_keys)
             forecast = evaluation.decision.forecast
             distance = forecast.index("block") + 1 if "block" in forecast else 1
@@ -581,3 +618,37 @@ class HybridEngine:
         if error is not None:
             self.note(f"run ended with {type(error).__name__}: {error}")
         return self.report
+
+
+def planned_entries(config: EngineConfig, latent_shape: tuple, latent_dtype: torch.dtype, hidden_shape: tuple,
+                    hidden_dtype: torch.dtype, branches: int, *, block_forecast: bool,
+                    streams: int = 1) -> tuple[list[tuple], list[tuple]]:
+    """What one trajectory of a run stores, and what the engine holds on the device while a full compute
+    runs, without running anything (memory planning at full size, e.g. ``make memplan``).
+
+    latent_shape / hidden_shape: one branch's latent ``[1, C, T, H, W]`` and hidden state at the cached
+    block range ``[1, tokens, dim]``; branches: CFG branches evaluated; block_forecast: whether computes
+    store a block residual (the forecast wants block reuse); streams: 2 for double-stream ranges.
+    Returns ``(entries, working)``: entries are ``(kind, key, shape, dtype, reuse_distance)`` as the engine
+    passes them to ``CacheStore.put``; working are ``(name, shape, dtype)`` device tensors.
+    """
+    entries: list[tuple] = []
+    working: list[tuple] = []
+    granularities = set(config.granularities)
+    for b in range(branches):
+        entries.append(("step", ("step", b, "y"), tuple(latent_shape), latent_dtype, 1))
+        if config.extrapolation > 0:
+            entries.append(("step", ("step", b, "dy"), tuple(latent_shape), latent_dtype, 1))
+        if granularities & {"cfg", "block"}:
+            entries.append(("step", ("step", b, "yr"), tuple(latent_shape), latent_dtype, 1))
+    if "block" in granularities:
+        batched = (hidden_shape[0] * branches,) + tuple(hidden_shape[1:])
+        signal = (batched[0], -(-batched[1] // BlockReuse.TOKEN_STRIDE), -(-batched[2] // BlockReuse.CHANNEL_STRIDE))
+        working += [(f"block signal copy {i}", signal, hidden_dtype) for i in range(4)]
+        if block_forecast:
+            for b in range(branches):
+                for k in STREAMS[:streams]:
+                    entries.append(("block", ("block", b, k), tuple(hidden_shape), hidden_dtype, 1))
+            if config.placement != "cpu":
+                working += [("input of the cached block range (clone)", batched, hidden_dtype)] * streams
+    return entries, working

@@ -52,16 +52,20 @@ def subsample_latent(x: torch.Tensor, stride: int) -> torch.Tensor:
     return x.detach().to(torch.float32, copy=True)
 
 
-def subsample_tokens(h: torch.Tensor, stride: int) -> torch.Tensor:
-    """A float32 copy of every ``stride``-th token and channel of a hidden state ``[B, tokens, dim]``
-    (a copy: transformer blocks may update their input in place afterwards)."""
-    if stride > 1 and h.dim() == 3:
-        h = h[:, ::stride, ::stride]
-    return h.detach().to(torch.float32, copy=True)
+def subsample_tokens(h: torch.Tensor, token_stride: int, channel_stride: int | None = None) -> torch.Tensor:
+    """A copy of every ``token_stride``-th token and ``channel_stride``-th channel (default: the same
+    stride) of a hidden state ``[B, tokens, dim]``, in its own dtype (a copy: transformer blocks may
+    update their input in place afterwards; kept narrow so the block signals stay a small fraction
+    of one hidden state on the device)."""
+    channel_stride = token_stride if channel_stride is None else channel_stride
+    if h.dim() == 3 and (token_stride > 1 or channel_stride > 1):
+        h = h[:, ::token_stride, ::channel_stride]
+    return h.detach().clone()
 
 
 def mean_abs(t: torch.Tensor) -> torch.Tensor:
-    return t.abs().mean()
+    """Mean absolute value, accumulated and returned in float32 (inputs may be bf16/fp16)."""
+    return t.abs().mean(dtype=torch.float32)
 
 
 def guided_output(outputs: dict[int, torch.Tensor], cfg_scale: float) -> torch.Tensor:

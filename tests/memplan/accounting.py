@@ -11,11 +11,8 @@ cannot serve, so ``make memplan`` does not run them. Instead:
   real ``CacheStore`` with the run's ``cache_device`` and the device's free
   memory, and reads back where each landed.
 
-**For the engine**: when the engine can describe what it will store (a list of
-``EntrySpec``/``WorkingSpec``, e.g. ``engine.planned_entries(latent_shape,
-hidden_shape, branches)``), point :func:`lightcache_entries` at it; memplan then
-follows the engine without further changes. Until then the description below
-follows ``nodes/dit_cache.py`` as of this commit (see its docstring).
+:func:`lightcache_entries` asks the engine itself (``lightcache_core.engine.planned_entries``),
+so memplan follows the engine without changes here.
 """
 from __future__ import annotations
 
@@ -79,37 +76,28 @@ class Footprint:
 
 
 def lightcache_entries(mode: str, latent_shape: tuple, hidden_shape: tuple, branches: int, *,
-                       model_dtype: torch.dtype = torch.bfloat16) -> tuple[list[EntrySpec], list[WorkingSpec]]:
-    """What LightCache (``mode``: mix/step/cfg/block) stores in a run with ``branches`` CFG branches.
+                       model_dtype: torch.dtype = torch.bfloat16, latent_dtype: torch.dtype = torch.float32,
+                       block_forecast: bool | None = None) -> tuple[list[EntrySpec], list[WorkingSpec]]:
+    """What LightCache (``mode``: mix/step/cfg/block) stores in a run with ``branches`` CFG branches,
+    from the engine's own description (``lightcache_core.engine.planned_entries``).
 
-    latent_shape: one branch's latent ``[1, C, T, H, W]``; hidden_shape: one branch's hidden
-    state at the cached block range ``[1, tokens, dim]``.
-
-    From ``nodes/dit_cache.py``: after every computed evaluation
-    * ``("step", uuid)`` per branch: DiT output minus input, a latent in the model dtype
-      (read by the next evaluation when it reuses the step);
-    * ``("cfg", b)`` per non-cond branch: (cond - branch) / sigma of the fp32 outputs
-      ``calc_cond_batch`` returns (read when an evaluation reuses the CFG branch);
-    * ``("block", uuid)`` per branch, in block/mix modes: the middle-blocks residual, a hidden
-      state in the model dtype. Under ``mix`` the default policy picks step reuse first and
-      rarely reaches block reuse ("On this fixture mix only ever chose whole-step reuse"), so
-      its reuse distance is unbounded (``math.inf``);
-    * working set: in block/mix modes the input of the first cached block is held (one view
-      of the batched hidden state) from that block to the last cached block.
+    latent_shape: one branch's latent ``[1, C, T, H, W]`` (ComfyUI samples latents in float32);
+    hidden_shape: one branch's hidden state at the cached block range ``[1, tokens, dim]``.
+    block_forecast: whether computes store a block residual; by default only in ``block`` mode (on
+    the trained tiny Wan ``mix`` at its defaults never forecast block reuse: its calibrated error
+    starts pessimistic, see the engine).
     """
-    entries: list[EntrySpec] = []
-    working: list[WorkingSpec] = []
-    for b in range(branches):
-        entries.append(EntrySpec("step", ("step", b), tuple(latent_shape), model_dtype, 1))
-    for b in range(1, branches):
-        entries.append(EntrySpec("cfg", ("cfg", b), tuple(latent_shape), torch.float32, 1))
-    if mode in ("mix", "block"):
-        distance = 1 if mode == "block" else math.inf
-        for b in range(branches):
-            entries.append(EntrySpec("block", ("block", b), tuple(hidden_shape), model_dtype, distance))
-        batched = (hidden_shape[0] * branches,) + tuple(hidden_shape[1:])
-        working.append(WorkingSpec("input of the first cached block", batched, model_dtype))
-    return entries, working
+    from lightcache_core.engine import EngineConfig, planned_entries
+    from lightcache_core.policy import GRANULARITIES
+
+    granularities = GRANULARITIES if mode == "mix" else (mode,)
+    if block_forecast is None:
+        block_forecast = mode == "block"
+    config = EngineConfig(granularities=granularities)
+    entries, working = planned_entries(config, latent_shape, latent_dtype, hidden_shape, model_dtype, branches,
+                                       block_forecast=block_forecast)
+    return ([EntrySpec(kind, key, shape, dtype, distance) for kind, key, shape, dtype, distance in entries],
+            [WorkingSpec(name, shape, dtype) for name, shape, dtype in working])
 
 
 def easycache_entries(latent_shape: tuple, branches: int, *, model_dtype: torch.dtype = torch.bfloat16):

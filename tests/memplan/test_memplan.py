@@ -61,26 +61,34 @@ def test_attention_on_a_pretend_gpu_takes_the_fused_kernel():
 
 def test_cache_footprint_follows_the_store_placement():
     latent, hidden = (1, 16, 21, 60, 104), (1, 32760, 5120)  # Wan 14B 480p
-    entries, working = lightcache_entries("mix", latent, hidden, branches=2)
-    assert [e.kind for e in entries] == ["step", "step", "cfg", "block", "block"]
-    step_bytes = 4_193_280  # one bf16 latent
+    # per branch: the step output y, its change dy (extrapolation) and the last full output yr (cfg/block rebuild)
+    entries, working = lightcache_entries("mix", latent, hidden, branches=2, block_forecast=True)
+    assert [e.kind for e in entries] == ["step"] * 6 + ["block"] * 2
+    step_bytes = 16 * 21 * 60 * 104 * 4  # one fp32 latent (ComfyUI samples in float32)
+    block = 32760 * 5120 * 2  # one branch's bf16 hidden state
     gpu = cache_footprint(entries, "gpu", free_bytes=100 * 2**30, working=working)
     cpu = cache_footprint(entries, "cpu", free_bytes=100 * 2**30, working=working)
     auto = cache_footprint(entries, "auto", free_bytes=100 * 2**30, working=working)
-    block = 2 * 32760 * 5120 * 2
-    assert gpu.resident == 2 * step_bytes + 2 * step_bytes + block and gpu.host == 0
-    assert cpu.resident == 0 and cpu.prefetch_by_kind == {"step": 2 * step_bytes, "cfg": 2 * step_bytes, "block": block}
-    # auto: the step residuals and the CFG delta are read next evaluation (near); block residuals never by default
-    assert auto.resident == 4 * step_bytes and auto.host == block
-    assert working[0].nbytes == block and gpu.working == block
+    assert gpu.resident == 6 * step_bytes + 2 * block and gpu.host == 0
+    assert cpu.resident == 0 and cpu.prefetch_by_kind == {"step": 6 * step_bytes, "block": 2 * block}
+    # auto: everything is read again next evaluation; the step entries stay, block residuals go where the budget allows
+    assert auto.resident >= 6 * step_bytes and auto.resident + auto.host == gpu.resident
+    clone = [w for w in working if "clone" in w.name]
+    assert len(clone) == 1 and clone[0].nbytes == 2 * block  # the batched input of the cached range
     # little free memory: even near entries go to host
     tight = cache_footprint(entries, "auto", free_bytes=8 * MiB)
-    assert tight.resident < 4 * step_bytes
+    assert tight.resident < 6 * step_bytes
+
+
+def test_mix_at_defaults_plans_no_block_memory():
+    """mix without a block forecast stores step entries only and keeps no block input alive."""
+    entries, working = lightcache_entries("mix", (1, 16, 3, 8, 8), (1, 48, 128), branches=2)
+    assert {e.kind for e in entries} == {"step"} and not [w for w in working if "clone" in w.name]
 
 
 def test_step_only_mode_stores_no_block_residuals():
     entries, working = lightcache_entries("step", (1, 16, 3, 8, 8), (1, 48, 128), branches=1)
-    assert [e.kind for e in entries] == ["step"] and working == []
+    assert {e.kind for e in entries} == {"step"} and working == []
 
 
 # ---------------------------------------------------------------- traces of the real host code
@@ -123,3 +131,26 @@ def test_trace_agrees_with_the_cpu_allocator(host, config):
     assert "error" not in row, row
     assert abs(row["difference"]) <= validate.TOLERANCE, row
     assert math.isfinite(row["measured_bytes"]) and row["measured_bytes"] > MiB
+
+
+def test_card_free_memory_follows_comfyui_loading(host):
+    """A card that cannot hold every weight keeps ComfyUI's activation estimate plus its reserve free; one
+    that can keeps what the weights leave."""
+    from memplan import run
+    from memplan.drive import GiB
+
+    import comfy.model_management as mm
+
+    class Model:
+        def memory_required(self, shape):
+            assert shape[0] == 1  # ComfyUI's minimum: one batch entry
+            return 10 * GiB
+
+    class Patcher:
+        model = Model()
+
+    reserve = int(mm.minimum_inference_memory()) + int(mm.extra_reserved_memory())
+    small, how = run.card_free_bytes(Patcher(), (2, 16, 21, 90, 160), 24, weights_bytes=26 * GiB)
+    assert small == 10 * GiB + reserve and "24 GB card" in how
+    big, _ = run.card_free_bytes(Patcher(), (2, 16, 21, 90, 160), 80, weights_bytes=26 * GiB)
+    assert big == int((80 - run.CUDA_CONTEXT_GIB) * GiB) - 26 * GiB
