@@ -58,7 +58,7 @@ class Plan:
 FULL = Plan(dit="WAN_1_3B", size=(832, 480, 33), block="WAN_14B_ONE_BLOCK", block_sizes=((832, 480, 81), (1280, 720, 81)),
             vae="WAN_VAE", vae_size=(832, 480, 33), steps=12)
 DRY = Plan(dit="WAN_TINY", size=(128, 128, 9), block="WAN_TINY_ONE_BLOCK", block_sizes=((128, 128, 9),),
-           vae="WAN_VAE_TINY", vae_size=(96, 64, 9), steps=3)
+           vae="WAN_VAE_TINY", vae_size=(96, 64, 9), steps=10)
 
 
 def _specs():
