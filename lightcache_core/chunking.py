@@ -60,18 +60,30 @@ def plan_chunk_rows(
     policy: ChunkPolicy,
     free_bytes: int | None = None,
     safety: float = 0.5,
+    *,
+    fixed_bytes: int = 0,
+    whole_bytes: int | None = None,
+    max_chunks: int | None = None,
 ) -> int:
     """Rows per chunk for a dim of ``total_rows`` rows; always in ``[1, max(total_rows, 1)]``.
 
     total_rows: size of the chunked dim.
-    bytes_per_row: working memory one row needs (bytes), used by ``"auto"``.
+    bytes_per_row: working memory one row of a chunk needs (bytes), used by ``"auto"``.
     free_bytes: free device memory (bytes), used by ``"auto"`` when
         ``policy.budget_bytes`` is 0; without it ``"auto"`` does not chunk.
-    safety: fraction of ``free_bytes`` the chunk may use.
+    safety: fraction of ``free_bytes`` the op may use (the ``"auto"`` budget).
+    fixed_bytes: ``"auto"``: memory the op holds at full size once it runs in chunks
+        (e.g. the keys, values and output of a chunked transformer block), on top of
+        ``bytes_per_row`` x rows.
+    whole_bytes: ``"auto"``: working memory of the unchunked op when it differs from
+        ``bytes_per_row x total_rows`` (it may hold things a chunked run never does).
+    max_chunks: ``"auto"``: never more chunks than this (when even that does not fit,
+        the fixed part dominates and smaller chunks would only cost time).
 
-    ``"count"`` gives ``ceil(total_rows / count)``; ``"auto"`` gives
-    ``budget // bytes_per_row`` (at least 1).  ``total_rows`` <= 0 returns 1 so the
-    result is always a valid chunk length.
+    ``"count"`` gives ``ceil(total_rows / count)``; ``"auto"`` keeps the op whole when
+    its whole working set fits the budget, else gives ``(budget - fixed) //
+    bytes_per_row`` (at least 1, and at least ``ceil(total / max_chunks)``).
+    ``total_rows`` <= 0 returns 1 so the result is always a valid chunk length.
     """
     if total_rows <= 0:
         return 1
@@ -90,10 +102,13 @@ def plan_chunk_rows(
             budget = int(max(free_bytes, 0) * safety)
         else:
             budget = None
-        if budget is None or bytes_per_row <= 0:
+        whole = whole_bytes if whole_bytes is not None else bytes_per_row * total_rows
+        if budget is None or bytes_per_row <= 0 or whole <= budget:
             rows = total_rows
         else:
-            rows = budget // bytes_per_row
+            rows = max(budget - max(int(fixed_bytes), 0), 0) // bytes_per_row
+            if max_chunks is not None and max_chunks >= 1:
+                rows = max(rows, math.ceil(total_rows / max_chunks))
     return max(1, min(int(rows), total_rows))
 
 

@@ -114,12 +114,14 @@ class SliceWriter:
         return self.out.numel() * self.out.element_size()
 
     def write(self, frame_start: int, pixels: torch.Tensor, process: Callable[[torch.Tensor], torch.Tensor] | None = None,
-              batch_index: int = 0) -> int:
+              batch_index: int = 0, row_start: int = 0) -> int:
         """Copy ``pixels`` into frames ``[frame_start, frame_start + t)`` of videos ``batch_index...``; returns ``t``.
 
-        ``pixels`` is ``[b, C, t, H, W]`` (a video slice) or ``[t, C, H, W]`` (images, as frames of one video).
-        ``process`` runs on the slice's own device in float32, as ComfyUI's ``VAE.decode`` runs ``process_output``
-        on float32 pixels, so the values are the same wherever it runs.
+        ``pixels`` is ``[b, C, t, H, W]`` (a video slice) or ``[t, C, H, W]`` (images, as frames of one video);
+        its ``H`` rows go to rows ``[row_start, row_start + H)`` of the output (a row band; 0 and the full
+        height for whole frames). ``process`` runs on the slice's own device in float32, as ComfyUI's
+        ``VAE.decode`` runs ``process_output`` on float32 pixels, so the values are the same wherever it runs
+        (it must act per pixel when bands are written).
         """
         if pixels.dim() == 4:
             pixels = pixels.unsqueeze(0).movedim(1, 2)
@@ -128,7 +130,7 @@ class SliceWriter:
         if process is not None:
             pixels = process(pixels)
         src = pixels.movedim(1, -1)
-        dst = self.out[batch_index:batch_index + b, frame_start:frame_start + t]
+        dst = self.out[batch_index:batch_index + b, frame_start:frame_start + t, row_start:row_start + src.shape[-3]]
         if tuple(dst.shape) != tuple(src.shape):
             raise ValueError(f"slice of shape {tuple(src.shape)} does not fit output frames {frame_start}..{frame_start + t} "
                              f"of {tuple(self.out.shape)}")
@@ -312,6 +314,71 @@ def row_chunked_call(fn: Callable[[torch.Tensor, list], tuple[torch.Tensor, int]
         del local
     cache[:used] = targets
     return out, used
+
+
+# ---------------------------------------------------------------- row bands through a stack of layers
+
+
+@dataclass(frozen=True)
+class BandStep:
+    """One layer of a band's way through a stack: input rows ``[lo, hi)`` (of the layer's full input), and
+    the rows ``[keep_lo, keep_hi)`` of its output (counted from the first row it computes) that the next
+    layer needs."""
+
+    lo: int
+    hi: int
+    keep_lo: int
+    keep_hi: int
+
+
+def band_plan(rows: int, scales: Sequence[int], halos: Sequence[int], lo: int, hi: int) -> list[BandStep]:
+    """Input rows and kept output rows, layer by layer, that give output rows ``[lo, hi)`` of a stack exactly.
+
+    ``rows``: the stack's input rows; layer ``i`` multiplies rows by ``scales[i]`` (1, or 2 for a nearest
+    upsampler) and reads at most ``halos[i]`` rows of context on each side, counted at its input (a conv
+    after the layer's upsampling reads ``ceil(k/2)`` input rows, so counting it at the input is safe).
+    Working back from the last layer, each layer gets the input rows its kept output rows need; the rows it
+    computes beyond those (next to a band edge, where its "same" padding is not the frame's) are cropped
+    before the next layer, so every kept row depends only on true input rows. A frame edge (row 0 or the
+    last row) needs no context: there the band's padding is the frame's.
+    """
+    if len(scales) != len(halos):
+        raise ValueError("one scale and one halo per layer")
+    sizes = [rows]
+    for s in scales:
+        sizes.append(sizes[-1] * int(s))
+    if not 0 <= lo < hi <= sizes[-1]:
+        raise ValueError(f"rows [{lo}, {hi}) outside the stack's output of {sizes[-1]} rows")
+    steps: list[BandStep] = []
+    want_lo, want_hi = lo, hi
+    for i in range(len(scales) - 1, -1, -1):
+        s, h = int(scales[i]), int(halos[i])
+        a = max(0, want_lo // s - h)
+        b = min(sizes[i], -(-want_hi // s) + h)
+        steps.append(BandStep(a, b, want_lo - s * a, want_hi - s * a))
+        want_lo, want_hi = a, b
+    steps.reverse()
+    return steps
+
+
+def split_rows(rows: int, bands: int) -> list[tuple[int, int]]:
+    """``bands`` balanced ``(lo, hi)`` row ranges covering ``[0, rows)`` (fewer when rows are fewer)."""
+    bands = max(1, min(int(bands), rows))
+    bounds = [round(i * rows / bands) for i in range(bands + 1)]
+    return [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+def compact_cache(cache: list, start: int = 0, stop: int | None = None) -> None:
+    """Replace causal-cache slots that are views of a larger tensor by copies of their own frames.
+
+    Some hosts keep ``x[:, :, -2:]`` as a layer's cache, a view that keeps all of ``x`` (every frame of the
+    call) alive until the next call replaces it; a copy holds two frames only.
+    """
+    stop = len(cache) if stop is None else stop
+    for i in range(start, min(stop, len(cache))):
+        t = cache[i]
+        if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() > t.numel() * t.element_size():
+            cache[i] = t.clone()
 
 
 # ---------------------------------------------------------------- frame sub-units with the causal cache carried

@@ -23,9 +23,10 @@ SEARCH_ALIASES = ["chunk", "ffn chunk", "attention chunk", "chunked attention", 
 DESCRIPTION = (
     "Runs the largest activations of each computed step in pieces so their peak memory drops, with the same "
     "result as the unpatched model (up to floating-point rounding; no approximation). "
-    "Wan and HunyuanVideo: feed-forward networks along tokens; attention by query chunks against all keys and "
-    "values (Wan self-attention also computes its q/k/v projections, RMSNorm and RoPE per chunk); cross-attention "
-    "by query chunks. UNets (SD1.5/AnimateDiff, SVD): resnets and upsamplers along batch x frames, "
+    "Wan and HunyuanVideo: whole transformer blocks along tokens (norms, modulation, residual adds, feed-forward "
+    "networks, HunyuanVideo's fused single-stream layers); attention by query chunks against all keys and values "
+    "(Wan self-attention computes its q/k/v projections, RMSNorm and RoPE per chunk, each once per token, and "
+    "releases its keys and values before the block's feed-forward runs); cross-attention by query chunks. UNets (SD1.5/AnimateDiff, SVD): resnets and upsamplers along batch x frames, "
     "transformer feed-forwards along tokens, spatial attention by query chunks, temporal attention along spatial "
     "positions; GroupNorms are never split across the dimension they normalise. "
     "Works before or after LightCache Sampler / LightCache Model Patch, and with LoRAs. "
@@ -48,15 +49,16 @@ class ChunkedModelPatch(io.ComfyNode):
                                "It is cloned; the input model is left unchanged."),
                 io.Combo.Input("mode", options=MODES, default="auto",
                                tooltip="auto: pick chunk sizes from free memory (or from budget_mb) and the estimated "
-                                       "bytes per row of each op; chunks only when the op would not fit. "
-                                       "count: always split each chunked op into 'chunks' pieces. off: no chunking "
-                                       "(the model passes through)."),
+                                       "working memory of each op; an op is chunked when it would take more than a "
+                                       "quarter of the free memory. count: always split each chunked op into "
+                                       "'chunks' pieces. off: no chunking (the model passes through)."),
                 io.Int.Input("chunks", default=4, min=1, max=256, step=1,
                              tooltip="Pieces per chunked op in 'count' mode. More pieces lower the peak further and "
                                      "cost a little speed. Ignored in 'auto' mode."),
                 io.Int.Input("budget_mb", default=0, min=0, max=1 << 20, step=64,
-                             tooltip="'auto' mode: working memory (MiB) one chunk may use. 0 = half of the memory "
-                                     "free on the compute device at each call (ComfyUI's own free-memory figure).",
+                             tooltip="'auto' mode: working memory (MiB) one chunked op may use. 0 = a quarter of "
+                                     "the memory free on the compute device at each call (ComfyUI's own free-memory "
+                                     "figure).",
                              **compat.input_flags(advanced=True)),
                 io.Boolean.Input("chunk_ffn", default=True,
                                  tooltip="Chunk feed-forward networks along tokens (DiT MLPs, UNet transformer FFs)."),

@@ -134,16 +134,34 @@ def _hooks_present(transformer_options, names: frozenset) -> bool:
     return isinstance(patches, dict) and any(patches.get(name) for name in names)
 
 
+# ``auto``: the share of the free device memory one op's working set may take. An op whose whole working set
+# is larger runs in chunks. A quarter leaves room for what else lives on the device while a step runs (the
+# caching allocator's rounding and fragmentation, step caches and prefetch buffers, models ComfyUI keeps
+# loaded), and chunking costs little: a chunked Wan block recomputes nothing.
+AUTO_SHARE = 0.25
+# ``auto``: at most this many pieces per chunked block. Beyond it the full-size keys, values and output a
+# chunked block holds dominate, and smaller pieces would only cost time.
+AUTO_MAX_BLOCK_PIECES = 16
+# Inside a chunked Wan block, the self-attention runs each chunk's queries (and its key/value projections and
+# RoPE) in this many sub-pieces, so its fp32 RoPE temporaries and attention outputs stay small.
+INNER_PIECES = 4
+
+
 @dataclass(frozen=True)
 class ChunkSettings:
-    """What the node asked for."""
+    """What the node asked for.
+
+    ``free_memory``: where ``auto`` reads the device's free bytes (``callable(device) -> int``); None: the
+    host's figure (``compat.free_memory_bytes``). Traces use it to plan for a card they do not run on.
+    """
 
     policy: ChunkPolicy
     ffn: bool = True
     attention: bool = True
     resblocks: bool = True
-    safety: float = 0.5
+    safety: float = AUTO_SHARE
     blocks: bool = True  # whole DiT blocks along tokens (needs ffn and attention); False: per-op chunks only
+    free_memory: object = field(default=None, compare=False)
 
 
 @dataclass
@@ -168,15 +186,24 @@ class Planner:
         if first:
             log.info("[LightCache] %s: %s", NODE, text)
 
-    def rows(self, kind: str, total: int, bytes_per_row: int, device: torch.device) -> int:
+    def free_bytes(self, device: torch.device) -> int:
+        source = self.settings.free_memory
+        if source is not None:
+            return int(source(device))
+        patcher = self.patcher_ref() if self.patcher_ref is not None else None
+        return compat.free_memory_bytes(device, patcher)
+
+    def rows(self, kind: str, total: int, bytes_per_row: int, device: torch.device, *, fixed_bytes: int = 0,
+             whole_bytes: int | None = None, max_chunks: int | None = None) -> int:
+        """Rows per chunk of op ``kind`` (see ``plan_chunk_rows``; ``bytes_per_row`` counts every batch entry)."""
         policy = self.settings.policy
         if policy.mode == "off" or total <= 1:
             return max(total, 1)
         free = None
         if policy.mode == "auto" and policy.budget_bytes == 0:
-            patcher = self.patcher_ref() if self.patcher_ref is not None else None
-            free = compat.free_memory_bytes(device, patcher)
-        rows = plan_chunk_rows(total, max(int(bytes_per_row), 1), policy, free_bytes=free, safety=self.settings.safety)
+            free = self.free_bytes(device)
+        rows = plan_chunk_rows(total, max(int(bytes_per_row), 1), policy, free_bytes=free, safety=self.settings.safety,
+                               fixed_bytes=fixed_bytes, whole_bytes=whole_bytes, max_chunks=max_chunks)
         key = (kind, total, rows)
         with self._lock:
             first = key not in self._logged and len(self._logged) < 256
@@ -408,15 +435,26 @@ class ChunkedAttention(_Patch):
 
 # ---------------------------------------------------------------- Wan self-attention (minimal re-expression)
 
+def _freq_rows(freqs: torch.Tensor, start: int, length: int, total: int) -> torch.Tensor:
+    return freqs.narrow(1, start, length) if freqs.shape[1] == total else freqs
+
+
 class ChunkedWanSelfAttention(_Patch):
     """Wan self-attention with q/k/v projections, RoPE and attention in token chunks.
 
     Same math as the host's ``WanSelfAttention.forward`` (checked by
     ``compat.wan_self_attention_parts``): ``k = rope(norm_k(k(x)))`` and ``v = v(x)``
-    are written chunk by chunk into full buffers, then each query chunk
-    ``rope(norm_q(q(x_c)))`` attends to all keys, and ``o`` projects it into the
-    output. RMSNorm and RoPE act per token, so each chunk uses its own rows of
-    ``freqs``.
+    are written chunk by chunk into full-size buffers in the model's dtype (RoPE's fp32
+    temporaries exist for one chunk only), then each query chunk ``rope(norm_q(q(x_c)))``
+    attends to all keys, and ``o`` projects it into the output. RMSNorm and RoPE act per
+    token, so each chunk uses its own rows of ``freqs``.
+
+    Inside a chunked Wan block (:class:`ChunkedBlock`) the same pieces serve the block's
+    passes, one sub-piece of the block's chunk at a time: ``capture`` files the chunk's
+    rotated keys and values (no queries), ``attend`` computes the chunk's attention output
+    (queries, attention, ``o``; no keys or values) into a full-size buffer, and ``finish``
+    hands the block that buffer's rows. So every projection runs once per token, as in
+    the host's forward.
     """
 
     kind = "wan_self_attention"
@@ -429,99 +467,167 @@ class ChunkedWanSelfAttention(_Patch):
         self.rope = rope
         self.hook_names = hook_names  # patches the host's forward calls (newer Wan: attn1_patch)
 
+    def _usable(self, m, x, freqs, args, kwargs, transformer_options) -> bool:
+        return (m is not None and not args and not kwargs and isinstance(x, torch.Tensor) and x.dim() == 3
+                and not _hooks_present(transformer_options, self.hook_names)
+                and isinstance(freqs, torch.Tensor) and freqs.dim() >= 2 and freqs.shape[1] in (1, x.shape[1]))
+
     def __call__(self, x, freqs, transformer_options={}, *args, **kwargs):
         m = self.module_ref()
-        if (m is None or args or kwargs or x.dim() != 3 or _block_pass() is not None
-                or _hooks_present(transformer_options, self.hook_names)):
-            # hooks see the whole q/k/attention output, as the host gives them; a chunked block
-            # feeds the host's forward one chunk and files its keys/values through the override
+        usable = self._usable(m, x, freqs, args, kwargs, transformer_options)
+        block = _block_pass()
+        if block is not None:
+            if usable and x.shape[1] == block.length and block.phase in _MODULE_PHASES:
+                return self._block_phase(block, m, x, freqs, transformer_options)
+            # the host's forward on the chunk: its attention call files or uses keys and values through the override
+            return self.original(x, freqs, transformer_options, *args, **kwargs)
+        if not usable:
+            # hooks see the whole q/k/attention output, as the host gives them
             return self.original(x, freqs, transformer_options, *args, **kwargs)
         b, s = x.shape[:2]
         n, d = m.num_heads, m.head_dim
-        if not isinstance(freqs, torch.Tensor) or freqs.dim() < 2 or freqs.shape[1] not in (1, s):
-            return self.original(x, freqs, transformer_options=transformer_options)
         e = _elem(x)
         score = 4 * 2 if compat.attention_materializes_scores(self.attention) else 0
         # per query token: projection + norm + fp32 RoPE temporaries, attention output, o output
         bpr = b * (n * d * (4 * e + 2 * 4) + n * s * score)
-        rows = self.planner.rows(self.kind, s, bpr, x.device)
+        rows = self.planner.rows(self.kind, s, bpr, x.device, fixed_bytes=3 * b * s * n * d * e)
         if rows >= s:
             self.planner.stats.record(self.kind, 1)
             return self.original(x, freqs, transformer_options=transformer_options)
-
-        def freq_rows(start, length):
-            return freqs.narrow(1, start, length) if freqs.shape[1] == s else freqs
-
         pieces = list(balanced_pieces(s, rows))
         # Materialising backends get k/v once in [b, heads, s, d] (skip_reshape) instead of
         # permuting full copies for every query chunk; streaming backends take plain views.
         heads_first = bool(score)
-        k = v = None
-        for start, length in pieces:
-            xc = x.narrow(1, start, length).contiguous()
-            kc = self.rope(m.norm_k(m.k(xc)).view(b, length, n, d), freq_rows(start, length))
-            vc = m.v(xc).view(b, length, n, d)
-            del xc
-            if k is None:
-                shape = (b, n, s, d) if heads_first else (b, s, n, d)
-                k = torch.empty(shape, dtype=kc.dtype, device=kc.device)
-                v = torch.empty(shape, dtype=vc.dtype, device=vc.device)
-            if heads_first:
-                k.narrow(2, start, length).copy_(kc.transpose(1, 2))
-                v.narrow(2, start, length).copy_(vc.transpose(1, 2))
-            else:
-                k.narrow(1, start, length).copy_(kc)
-                v.narrow(1, start, length).copy_(vc)
-            del kc, vc
-        if not heads_first:
-            k, v = k.view(b, s, n * d), v.view(b, s, n * d)
+        k, v = self._keys_values(m, x, freqs, pieces, 0, s, heads_first)
         out = None
         with _Inside():
             for start, length in pieces:
-                xc = x.narrow(1, start, length).contiguous()
-                qc = self.rope(m.norm_q(m.q(xc)).view(b, length, n, d), freq_rows(start, length))
-                del xc
-                if heads_first:
-                    yc = self.attention(qc.transpose(1, 2).contiguous(), k, v, heads=n, skip_reshape=True,
-                                        transformer_options=transformer_options)
-                else:
-                    yc = self.attention(qc.view(b, length, n * d), k, v, heads=n, transformer_options=transformer_options)
-                del qc
-                oc = m.o(yc)
-                del yc
+                oc = self._attend(m, x, freqs, start, length, k, v, heads_first, transformer_options)
                 if out is None:
                     out = torch.empty((b, s, oc.shape[-1]), dtype=oc.dtype, device=oc.device)
                 out.narrow(1, start, length).copy_(oc)
                 del oc
+        del k, v
         self.planner.stats.record(self.kind, len(pieces))
         return out
 
+    # -------------------------------------------------------------- pieces shared by both paths
 
-# ---------------------------------------------------------------- whole blocks along tokens (two passes)
+    def _rotated(self, proj, norm, m, x, freqs, start: int, length: int):
+        """``rope(norm(proj(x)))`` of rows ``[start, start + length)`` of ``x``: ``[b, length, heads, head_dim]``."""
+        b, total = x.shape[:2]
+        xc = x.narrow(1, start, length).contiguous()
+        t = norm(proj(xc)).view(b, length, m.num_heads, m.head_dim)
+        del xc
+        return self.rope(t, _freq_rows(freqs, start, length, total))
+
+    def _keys_values(self, m, x, freqs, pieces, offset: int, total: int, heads_first: bool, buffers=None):
+        """Rotated keys and values of ``pieces`` of ``x`` written into rows ``offset + start`` of full buffers
+        (``buffers["k"]``/``["v"]`` when given, else new ones of ``total`` tokens)."""
+        b = x.shape[0]
+        n, d = m.num_heads, m.head_dim
+        k = buffers.get("k") if buffers is not None else None
+        v = buffers.get("v") if buffers is not None else None
+        dim = 2 if heads_first else 1
+        for start, length in pieces:
+            kc = self._rotated(m.k, m.norm_k, m, x, freqs, start, length)
+            xc = x.narrow(1, start, length).contiguous()
+            vc = m.v(xc).view(b, length, n, d)
+            del xc
+            if k is None:
+                shape = (b, n, total, d) if heads_first else (b, total, n, d)
+                k = torch.empty(shape, dtype=kc.dtype, device=kc.device)
+                v = torch.empty(shape, dtype=vc.dtype, device=vc.device)
+                if buffers is not None:
+                    buffers["k"], buffers["v"] = k, v
+            k.narrow(dim, offset + start, length).copy_(kc.transpose(1, 2) if heads_first else kc)
+            v.narrow(dim, offset + start, length).copy_(vc.transpose(1, 2) if heads_first else vc)
+            del kc, vc
+        return k, v
+
+    def _attend(self, m, x, freqs, start: int, length: int, k, v, heads_first: bool, transformer_options):
+        """``o(attention(rope(norm_q(q(x rows))), k, v))`` of rows ``[start, start + length)`` of ``x``."""
+        b = x.shape[0]
+        n, d = m.num_heads, m.head_dim
+        qc = self._rotated(m.q, m.norm_q, m, x, freqs, start, length)
+        if heads_first:
+            yc = self.attention(qc.transpose(1, 2).contiguous(), k, v, heads=n, skip_reshape=True,
+                                transformer_options=transformer_options)
+        else:
+            s_kv = k.shape[1]
+            yc = self.attention(qc.reshape(b, length, n * d), k.view(b, s_kv, n * d), v.view(b, s_kv, n * d), heads=n,
+                                transformer_options=transformer_options)
+        del qc
+        oc = m.o(yc)
+        del yc
+        return oc
+
+    # -------------------------------------------------------------- inside a chunked block
+
+    def _block_phase(self, block: "_BlockPass", m, x, freqs, transformer_options):
+        buf = block.buffers
+        if buf.setdefault("by", "module") != "module":
+            raise _Unchunkable("the block's self-attention changed path between chunks")
+        length = x.shape[1]
+        heads_first = compat.attention_materializes_scores(self.attention)
+        if buf.setdefault("heads_first", heads_first) != heads_first:
+            raise _Unchunkable("the attention backend changed between passes")
+        pieces = list(balanced_pieces(length, math.ceil(length / INNER_PIECES)))
+        if block.phase == "capture":  # this chunk's rotated keys and values into the block's full buffers
+            self._keys_values(m, x, freqs, pieces, block.start, block.total, heads_first, buf)
+            raise _Captured()
+        if block.phase == "attend":  # this chunk's attention output (after o) into a full buffer
+            if "k" not in buf:
+                raise _Unchunkable("no keys were filed")
+            block.used = True  # later attention calls in this chunk (none here) pass through the override
+            for start, length_i in pieces:
+                oc = self._attend(m, x, freqs, start, length_i, buf["k"], buf["v"], heads_first, transformer_options)
+                if "y" not in buf:
+                    buf["y"] = torch.empty((x.shape[0], block.total, oc.shape[-1]), dtype=oc.dtype, device=oc.device)
+                buf["y"].narrow(1, block.start + start, length_i).copy_(oc)
+                del oc
+            raise _Captured()
+        # finish: the rows computed in the attend pass; the block's cross-attention then passes the override
+        block.used = True
+        if "y" not in buf:
+            raise _Unchunkable("no attention output was filed")
+        return buf["y"].narrow(1, block.start, length)
+
+
+# ---------------------------------------------------------------- whole blocks along tokens
 
 class _Captured(Exception):
-    """Ends pass 1 of a chunk once its keys and values are filed."""
+    """Ends a chunk's pass once what the pass collects (keys and values, or the attention output) is filed."""
 
 
 class _Unchunkable(Exception):
     """The block's self-attention does not look like this chunk's (another layout): run it whole."""
 
 
-class _BlockPass:
-    """What one chunk of a :class:`ChunkedBlock` pass tells the attention override (thread-local)."""
+# Passes of a chunked block: through the attention override (the host's own self-attention code) "capture"
+# then "use"; through the Wan self-attention patch "capture", "attend", then "finish".
+_OVERRIDE_PHASES = ("capture", "use")
+_MODULE_PHASES = ("capture", "attend", "finish")
 
-    def __init__(self, capture: bool, start: int, length: int, total: int, buffers: dict) -> None:
-        self.capture = capture
+
+class _BlockPass:
+    """What one chunk of a :class:`ChunkedBlock` pass tells the patches inside the block (thread-local)."""
+
+    def __init__(self, phase: str, start: int, length: int, total: int, buffers: dict) -> None:
+        self.phase = phase
         self.start, self.length, self.total = start, length, total
-        self.buffers = buffers  # "k", "v", "dim": full keys/values along the token dim
-        self.used = False
+        self.buffers = buffers  # full-size keys/values ("k", "v"), attention output ("y"), which path filed them
+        self.used = False  # the block's self-attention ran (later attention calls pass through the override)
 
     def attention(self, override, func, q, k, v, heads, args, kwargs):
+        """The block's first attention call, reached through the override (the host's own self-attention)."""
+        buf = self.buffers
+        if buf.setdefault("by", "override") != "override" or self.phase not in _OVERRIDE_PHASES:
+            raise _Unchunkable("the block's self-attention changed path between chunks")
         dim = 2 if kwargs.get("skip_reshape", False) else 1
         if any(not isinstance(t, torch.Tensor) or t.dim() <= dim or t.shape[dim] != self.length for t in (q, k, v)):
             raise _Unchunkable("self-attention is not over this chunk's tokens")
-        buf = self.buffers
-        if self.capture:
+        if self.phase == "capture":
             if "k" not in buf:
                 for name, t in (("k", k), ("v", v)):
                     shape = list(t.shape)
@@ -540,20 +646,33 @@ class _BlockPass:
 
 
 class ChunkedBlock(_Patch):
-    """A transformer block's ``forward`` run along tokens, through the host's own forward, in two passes.
+    """A transformer block's ``forward`` run along tokens, through the host's own forward, in passes.
 
-    Valid for blocks whose only op across tokens is their first attention call (self-attention,
-    reached through ``optimized_attention`` and so through the attention override) and whose
-    other inputs are per token (sliced along ``token_dims``) or shared by all tokens (passed
-    whole). Pass 1 runs each chunk up to that call, files the chunk's keys and values (RoPE
-    applied by the host) into full buffers and stops; pass 2 runs each chunk through the whole
-    forward with the full keys and values. Falls back to the original forward for anything
-    else: other arguments, hooks the forward consults, masks with a key-sized query dim of
-    another length, a block that never reached the override.
+    Valid for blocks whose only op across tokens is their first attention call (self-attention)
+    and whose other inputs are per token (sliced along ``token_dims``) or shared by all tokens
+    (passed whole). Two ways, chosen by what the block's self-attention reaches first:
+
+    * through the Wan self-attention patch (:class:`ChunkedWanSelfAttention`), three passes:
+      ``capture`` runs each chunk up to its self-attention, which files the chunk's rotated
+      keys and values into full buffers and stops the pass; ``attend`` runs each chunk up to
+      its self-attention again, which computes the chunk's attention output (queries against
+      all keys and values, then ``o``) into a full buffer; the keys and values are then
+      released, and ``finish`` runs each chunk through the whole forward, its self-attention
+      returning the filed rows. Each chunk's output is written over its own rows of that
+      buffer (read before they are overwritten), so the block holds its input and one
+      full-size buffer besides the keys and values, and never all of them with a chunk's
+      feed-forward working set;
+    * through the attention override (any other self-attention, e.g. HunyuanVideo's
+      single-stream blocks), two passes: ``capture`` files the keys and values the host
+      computed; ``use`` runs each chunk through the whole forward against them.
+
+    Falls back to the original forward for anything else: other arguments, hooks the forward
+    consults, masks with a key-sized query dim of another length, a block that never reached
+    its self-attention.
     """
 
     def __init__(self, original, planner: Planner, kind: str, signature, token_dims: dict, shared: frozenset,
-                 hook_names: frozenset, bytes_per_row) -> None:
+                 hook_names: frozenset, plan) -> None:
         self.original = original
         self.planner = planner
         self.kind = kind
@@ -562,7 +681,7 @@ class ChunkedBlock(_Patch):
         self.token_dims = token_dims
         self.shared = shared  # tensor arguments the same for every token (context, vec): passed whole
         self.hook_names = hook_names
-        self.bytes_per_row = bytes_per_row  # callable(x, arguments) -> int
+        self.plan = plan  # callable(x, arguments) -> dict(bytes_per_row, fixed_bytes, whole_bytes) for the planner
 
     def _whole(self, args, kwargs):
         return self.original(*args, **kwargs)
@@ -603,7 +722,8 @@ class ChunkedBlock(_Patch):
                 return self._whole(args, kwargs)
             if value.shape[dim] == total:
                 sliced[name] = dim
-        rows = self.planner.rows(self.kind, total, self.bytes_per_row(x, arguments), x.device)
+        rows = self.planner.rows(self.kind, total, device=x.device, max_chunks=AUTO_MAX_BLOCK_PIECES,
+                                 **self.plan(x, arguments))
         if rows >= total:
             self.planner.stats.record(self.kind, 1)
             return self._whole(args, kwargs)
@@ -618,31 +738,52 @@ class ChunkedBlock(_Patch):
 
         buffers: dict = {}
         try:
-            for capture in (True, False):
-                out = None
-                for start, length in pieces:
-                    chunk = chunk_arguments(start, length)
-                    state = _BlockPass(capture, start, length, total, buffers)
-                    _LOCAL.block = state
-                    try:
-                        result = self.original(**chunk)
-                    except _Captured:
-                        continue
-                    finally:
-                        _LOCAL.block = None
-                    del chunk
-                    if capture or not state.used:
-                        raise _Unchunkable("the block never reached the attention override")
-                    if out is None:
-                        out = torch.empty((x.shape[0], total, *result.shape[2:]), dtype=result.dtype, device=result.device)
-                    out.narrow(1, start, length).copy_(result)
-                    del result
+            self._pass("capture", pieces, chunk_arguments, x, buffers)
+            if buffers.get("by") == "module":
+                self._pass("attend", pieces, chunk_arguments, x, buffers)
+                buffers.pop("k", None)  # every query has attended: release the keys and values
+                buffers.pop("v", None)
+                out = self._pass("finish", pieces, chunk_arguments, x, buffers)
+            else:
+                out = self._pass("use", pieces, chunk_arguments, x, buffers)
         except _Unchunkable as why:
             self.planner.note(("whole", self.kind, str(why)), f"{self.kind} runs whole ({why})")
-            del buffers
+            buffers.clear()
             return self._whole(args, kwargs)
-        del buffers
+        buffers.clear()
         self.planner.stats.record(self.kind, len(pieces))
+        return out
+
+    def _pass(self, phase: str, pieces, chunk_arguments, x, buffers: dict):
+        """One pass of the block forward over every chunk; returns the block output for the last two phases."""
+        collects = phase in ("capture", "attend")
+        total = x.shape[1]
+        out = None
+        for start, length in pieces:
+            chunk = chunk_arguments(start, length)
+            state = _BlockPass(phase, start, length, total, buffers)
+            _LOCAL.block = state
+            try:
+                result = self.original(**chunk)
+            except _Captured:
+                if not collects:
+                    raise _Unchunkable(f"a {phase} pass stopped early") from None
+                continue
+            finally:
+                _LOCAL.block = None
+            del chunk
+            if collects or not state.used:
+                raise _Unchunkable("the block never reached its self-attention")
+            if out is None:
+                shape = (x.shape[0], total, *result.shape[2:])
+                y = buffers.get("y")
+                if (y is not None and tuple(y.shape) == shape and y.dtype == result.dtype
+                        and y.device == result.device):
+                    out = y  # a chunk's attention rows are read before its output rows overwrite them
+                else:
+                    out = torch.empty(shape, dtype=result.dtype, device=result.device)
+            out.narrow(1, start, length).copy_(result)
+            del result
         return out
 
 
@@ -756,14 +897,23 @@ def _wan_block_patch(module, original, planner: Planner) -> "ChunkedBlock":
     ffn = _ffn_hidden(module.ffn) if isinstance(getattr(module, "ffn", None), torch.nn.Module) else 4 * getattr(module, "dim", 1)
     heads = getattr(module, "num_heads", 1)
 
-    def bpr(x, arguments):
-        width = x.shape[-1]
-        # norms, modulated inputs, q/k/v (+ fp32 RoPE), attention and projections, cross-attention, residual adds;
-        # the FFN intermediate twice
-        return (14 * width + 2 * ffn) * _elem(x) + 8 * width * 4 + _score_bytes(heads, x.shape[1])
+    def plan(x, arguments):
+        b, total, width = x.shape
+        e = _elem(x)
+        score = _score_bytes(heads, total)
+        hidden = b * total * width * e
+        # A chunk's working set, per token (each of b batch entries): its input and running hidden state,
+        # the modulated FFN input, the FFN intermediate twice, the cross-attention's q and output; the
+        # self-attention works on a quarter of the chunk at a time.
+        per_row = b * ((3 * width + 2 * ffn) * e + score // INNER_PIECES)
+        # Unchunked: the modulated input, q, k (normed) and their fp32 RoPE temporaries; or the FFN's.
+        whole = b * total * (max(4 * width * e + 4 * width * 4, (3 * width + 2 * ffn) * e) + score)
+        # Chunked, once the keys and values are released: the attention output / block output buffer
+        # (keys and values are held with small chunk working sets only).
+        return {"bytes_per_row": per_row, "fixed_bytes": hidden, "whole_bytes": whole}
 
     return ChunkedBlock(original, planner, "wan_block", inspect.signature(original),
-                        {"freqs": 1, "e": _wan_e_token_dim}, frozenset({"context"}), _module_hook_names(module), bpr)
+                        {"freqs": 1, "e": _wan_e_token_dim}, frozenset({"context"}), _module_hook_names(module), plan)
 
 
 def _single_block_patch(module, original, planner: Planner) -> "ChunkedBlock":
@@ -772,14 +922,17 @@ def _single_block_patch(module, original, planner: Planner) -> "ChunkedBlock":
     mlp = int(getattr(module, "mlp_hidden_dim", 0) or 4 * getattr(module, "hidden_size", 1))
     heads = getattr(module, "num_heads", 1)
 
-    def bpr(x, arguments):
-        width = x.shape[-1]
+    def plan(x, arguments):
+        b, total, width = x.shape
+        e = _elem(x)
         # fused linear1 output (qkv + mlp), q/k/v after norm (+ fp32 RoPE), attention, MLP activation, the
         # concatenation fed to linear2, its output and the gated residual
-        return (9 * width + 3 * mlp) * _elem(x) + 8 * width * 4 + _score_bytes(heads, x.shape[1])
+        per_row = b * ((9 * width + 3 * mlp) * e + 8 * width * 4 + _score_bytes(heads, total))
+        # chunked: full-size keys, values and output
+        return {"bytes_per_row": per_row, "fixed_bytes": 3 * b * total * width * e, "whole_bytes": None}
 
     return ChunkedBlock(original, planner, "hunyuan_single_block", inspect.signature(original),
-                        {"pe": 2, "attn_mask": "mask"}, frozenset({"vec"}), _module_hook_names(module), bpr)
+                        {"pe": 2, "attn_mask": "mask"}, frozenset({"vec"}), _module_hook_names(module), plan)
 
 
 def install(patcher, settings: ChunkSettings) -> InstallReport:

@@ -23,9 +23,11 @@ SEARCH_ALIASES = ["tiled vae decode", "vae decode", "decode", "video decode", "w
 DESCRIPTION = (
     "Decodes latents like VAE Decode, in time slices, so memory no longer grows with the clip length. "
     "Wan 2.1/2.2 video VAEs: the causal feature cache is carried from slice to slice, so the frames equal VAE "
-    "Decode's (no seams, no blending, unlike VAE Decode (Tiled)); each slice is moved into the output at once; the "
-    "full-resolution layers run one frame at a time and in row chunks with an exact halo, which takes the peak "
-    "below one latent frame's. SD-style image VAEs: frame slices, exact. SVD's temporal decoder: its time context is the "
+    "Decode's (no seams, no blending, unlike VAE Decode (Tiled)); each slice is moved into the output at once. "
+    "Large frames are decoded in row bands: each band goes through every frame with its own causal cache and the "
+    "rows of context its pixels need, so the device holds one band's cache instead of the whole frame's (about 4 "
+    "GiB at 1280x720), at the cost of recomputing those context rows; layers run one frame at a time, and in row "
+    "chunks with an exact halo where a layer would not fit. SD-style image VAEs: frame slices, exact. SVD's temporal decoder: its time context is the "
     "chunk it decodes, so auto takes the chunks VAE Decode takes (same frames); a smaller frames_per_slice saves "
     "memory but changes the frames. Other VAEs: ComfyUI's VAE.decode, with a log line."
 )
@@ -52,10 +54,12 @@ class SlicedVAEDecode(io.ComfyNode):
                                      "context and changes the frames (measured: 7 of 14 frames per slice, PSNR "
                                      "29.5 dB against VAE Decode; see the README)."),
                 io.Int.Input("row_chunks", default=0, min=0, max=256, step=1,
-                             tooltip="Wan only: split each large layer into this many row chunks (with an exact "
-                                     "halo; same result). 0 = auto: split what would not fit the memory budget, and "
-                                     "on CPU also every layer PyTorch convolves by unfolding it (smaller frames; "
-                                     "there chunks save memory and run faster). 1 = whole frames.",
+                             tooltip="Wan only: decode each frame in this many row bands, each through every frame "
+                                     "with its own causal cache and an exact halo (same result; the context rows are "
+                                     "recomputed). 0 = auto: bands when the frame's cache would take more than 1 GiB "
+                                     "or half the memory budget, at least 16 latent rows each; layers that still "
+                                     "would not fit, and on CPU every layer PyTorch convolves by unfolding it, run "
+                                     "in row chunks. 1 = whole frames.",
                              **compat.input_flags(advanced=True)),
                 io.Int.Input("budget_mb", default=0, min=0, max=1 << 20, step=64,
                              tooltip="Working memory (MiB) one slice or row chunk may use. 0 = auto: half of the "
@@ -88,7 +92,9 @@ class SlicedVAEDecode(io.ComfyNode):
             raise ValueError("Sliced VAE Decode: nested latents (audio+video) are not supported; use VAE Decode.")
         if frames_per_slice < 0 or row_chunks < 0 or budget_mb < 0:
             raise ValueError("Sliced VAE Decode: frames_per_slice, row_chunks and budget_mb must be 0 (auto) or more.")
-        options = vae_slicing.DecodeOptions(frames_per_slice=int(frames_per_slice), row_chunks=int(row_chunks),
+        # row_chunks: 0 = auto bands and row chunks; 1 = whole frames; N = N row bands (row chunks inside them auto)
+        options = vae_slicing.DecodeOptions(frames_per_slice=int(frames_per_slice),
+                                            row_chunks=1 if row_chunks == 1 else 0, bands=int(row_chunks),
                                             budget_bytes=int(budget_mb) * 2**20, tile_fallback=bool(tile_fallback))
         start = time.perf_counter()
         with PeakMemory(vae.device, compat.process_rss_reader()) as peak:

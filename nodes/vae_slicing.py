@@ -47,14 +47,17 @@ LEAN_CHUNK_BYTES = 2 * 2**20
 @dataclass
 class DecodeOptions:
     """frames_per_slice: 0 = auto. row_chunks: 0 = auto, 1 = whole frames, N = largest layers split N ways.
-    budget_bytes: 0 = from free memory. tile_fallback: spatial tiles on out-of-memory.
-    frame_split: Wan: run the layers after the last temporal upsample one frame at a time (exact)."""
+    bands: Wan: 0 = auto, 1 = whole frames, N = N row bands, each decoded through every frame with its own
+    causal cache (``_BandStack``). budget_bytes: 0 = from free memory. tile_fallback: spatial tiles on
+    out-of-memory. frame_split: Wan: run the layers after the last temporal upsample one frame at a time
+    (exact)."""
 
     frames_per_slice: int = 0
     row_chunks: int = 0
     budget_bytes: int = 0
     tile_fallback: bool = True
     frame_split: bool = True  # Wan: run the tail one frame at a time (exact; off only to compare)
+    bands: int = 0
 
 
 @dataclass
@@ -181,9 +184,9 @@ class _RowChunked(nn.Module):
 
 
 def _cache_slots(layer: nn.Module, conv_type: type) -> int:
-    """Causal-cache slots a host layer may use: one per causal conv inside (an upper bound: 1x1 shortcut
-    convs take none; callers read the exact count from how far the layer advanced ``feat_idx``)."""
-    return sum(1 for m in layer.modules() if isinstance(m, conv_type))
+    """Causal-cache slots a host layer uses: one per causal conv with a temporal kernel (a 1x1x1 shortcut conv
+    has no cache; callers still read the count a call used from how far it advanced ``feat_idx``)."""
+    return sum(1 for m in layer.modules() if isinstance(m, conv_type) and m.kernel_size[0] > 1)
 
 
 def _frame_local(layer: nn.Module) -> bool:
@@ -319,12 +322,14 @@ class WanCausalDecoder:
         finally:
             self.decoder._modules["upsamples"], self.decoder._modules["head"] = original
 
-    def _row_chunked(self, layer: nn.Module, planner: "_RowPlanner | None") -> nn.Module:
-        """``layer`` wrapped to run in row chunks, or ``layer`` itself where that is not shown exact."""
+    def _row_chunked(self, layer: nn.Module, planner: "_RowPlanner | None", keep_temporal: bool = True) -> nn.Module:
+        """``layer`` wrapped to run in row chunks, or ``layer`` itself where that is not shown exact.
+
+        ``keep_temporal``: leave temporal upsamplers unwrapped on hosts whose decoder splits frames after them
+        by their type (the decoder's own loop runs them); row bands call every layer themselves."""
         if planner is None:
             return layer
-        # Newer hosts split frames at their temporal upsamples by type; keep those modules as they are.
-        if self.scheme == "pairs" and getattr(layer, "mode", None) == "upsample3d":
+        if keep_temporal and self.scheme == "pairs" and getattr(layer, "mode", None) == "upsample3d":
             return layer
         halo = ds.conv_halo(layer)
         if halo is None or not _spatially_local(layer):
@@ -332,16 +337,160 @@ class WanCausalDecoder:
         slots = _cache_slots(layer, self.conv_type)
         return _RowChunked(layer, halo, slots, planner)
 
-    def decode_unit(self, z_unit: torch.Tensor, feat_map: list, first: bool) -> torch.Tensor:
+    def decode_unit(self, z_unit: torch.Tensor, feat_map: list, first: bool, unpatchify: bool = True) -> torch.Tensor:
         """One decoder call: ``[b, z, t, h, w]`` latent unit -> ``[b, 3, frames, H, W]`` pixels."""
         x = self.model.conv2(z_unit)  # 1x1x1 conv: per frame, so per unit is exact
         kwargs = {"first_chunk": True} if (first and self.first_chunk) else {}
         out = self.decoder(x, feat_cache=feat_map, feat_idx=[0], **kwargs)
         if isinstance(out, (list, tuple)):  # newer chunked decoder returns its chunks
-            out = torch.cat(list(out), 2)
-        if self.unpatchify is not None and self.patch > 1:
+            out = out[0] if len(out) == 1 else torch.cat(list(out), 2)
+        if unpatchify and self.unpatchify is not None and self.patch > 1:
             out = self.unpatchify(out, patch_size=self.patch)
         return out
+
+    @contextlib.contextmanager
+    def capture_middle(self):
+        """The decoder with its upsample stack swapped for a :class:`_Capture` and its head emptied, so a
+        decoder call returns the middle blocks' output (its causal cache carried as usual); yields the capture."""
+        capture = _Capture()
+        original = (self.decoder._modules["upsamples"], self.decoder._modules["head"])
+        self.decoder._modules["upsamples"] = nn.Sequential(capture)
+        self.decoder._modules["head"] = nn.Sequential()
+        try:
+            yield capture
+        finally:
+            self.decoder._modules["upsamples"], self.decoder._modules["head"] = original
+
+
+# ---------------------------------------------------------------- row bands through every frame (Wan)
+
+# Auto: one row band's causal cache stays under this (and under half the memory budget). A Wan 2.1 VAE's
+# cache at 1280x720 is about 4 GiB (bf16; two frames per causal conv, most of it at full resolution), the
+# bulk of VAE Decode's peak, and a whole-frame decode must hold all of it. Bands hold one band's share.
+BAND_CACHE_BYTES = 2**30
+# Auto: bands are at least this many latent rows. The decoder reads about 13 latent rows of context per side
+# (most of it in its low-resolution layers, which cost little), so thinner bands would recompute more than
+# they save.
+MIN_BAND_ROWS = 16
+
+
+class _Capture(nn.Module):
+    """Stands in for the decoder's upsample stack: returns its input (the output of conv1 and the middle
+    blocks) and records the extra arguments the host's decoder passes the stack's layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.extras: tuple = ((), {})
+
+    def forward(self, x, feat_cache=None, feat_idx=[0], *args, **kwargs):  # noqa: B006 (host signature)
+        self.extras = (args, kwargs)
+        return x
+
+
+class _BandStack:
+    """The decoder's upsample stack and head, run on row bands of the middle blocks' output.
+
+    Each band goes through every frame with its own causal cache: its rows at every layer are the rows
+    ``decode_slicing.band_plan`` gives (its output rows and the context they need), and the rows a layer
+    computes beyond those are cropped before the next layer. Layers that keep the frame count, and the
+    Wan 2.1 temporal upsamplers (one frame in, two out), run one frame at a time, depth first, with the
+    causal cache carried (``keep_cache_frames``), so only a frame or two of each layer is alive at once.
+    Only the host's own layers run; the head runs through :class:`_HeadLayer`.
+    """
+
+    def __init__(self, runner: "WanCausalDecoder", planner: "_RowPlanner | None", frame_split: bool) -> None:
+        self.runner = runner
+        layers = list(runner.decoder.upsamples) + [_HeadLayer(runner.decoder.head, runner.conv_type)]
+        self.ok = all(ds.conv_halo(layer) is not None and _spatially_local(layer) for layer in layers)
+        self.host_layers = layers
+        self.halos = [ds.conv_halo(layer) or 0 for layer in layers]
+        self.slots = [_cache_slots(layer, runner.conv_type) for layer in layers]
+        self.offsets = [sum(self.slots[:i]) for i in range(len(layers))]
+        self.split = [frame_split and (_frame_local(layer) or _temporal_upsample(layer, runner.conv_type)
+                                       or i == len(layers) - 1) for i, layer in enumerate(layers)]
+        self.layers = [runner._row_chunked(layer, planner, keep_temporal=False) for layer in layers]
+        self.scales: list[int] | None = None
+
+    def cache(self) -> list:
+        return [None] * sum(self.slots)
+
+    def measure(self, x: torch.Tensor, extras: tuple) -> bool:
+        """Each layer's row scale, from a 4 x 4 probe with ``x``'s channels run as a first unit (a cache of
+        its own); False when a layer does not scale rows and columns alike by a whole factor."""
+        args, kwargs = extras
+        probe = x.new_zeros(x.shape[:2] + (1, 4, 4))
+        cache, idx = self.cache(), [0]
+        scales = []
+        for layer in self.host_layers:
+            y = layer(probe, cache, idx, *args, **kwargs)
+            if isinstance(y, (list, tuple)) or y.dim() != 5:
+                return False
+            s, r = divmod(y.shape[-2], probe.shape[-2])
+            if r or s < 1 or y.shape[-1] != s * probe.shape[-1]:
+                return False
+            scales.append(s)
+            probe = y
+        self.scales = scales
+        return True
+
+    def plan(self, rows: int, lo: int, hi: int) -> list:
+        """``band_plan`` for output rows ``[lo, hi)`` (head-output rows) of a stack input of ``rows`` rows."""
+        return ds.band_plan(rows, self.scales, self.halos, lo, hi)
+
+    def cache_bytes(self, batch: int, elem: int, width: int, steps: list) -> int:
+        """The causal cache one band holds: two frames of each temporal conv's input rows, at every layer
+        (``width``: the stack input's columns)."""
+        total, scale = 0, 1
+        for layer, step, s in zip(self.host_layers, steps, self.scales):
+            per_row = sum(2 * m.in_channels for m in layer.modules()
+                          if isinstance(m, self.runner.conv_type) and m.kernel_size[0] > 1)
+            total += per_row * width * scale * (step.hi - step.lo)
+            scale *= s
+        return total * batch * elem
+
+    def run(self, x: torch.Tensor, steps: list, cache: list, extras: tuple, emit) -> None:
+        """One unit of one band: ``x`` holds the band's input rows (``steps[0].lo:steps[0].hi``); ``emit(y)``
+        gets the head's output rows of the band, frame group by frame group, in time order."""
+        self._layer(0, x, steps, cache, extras, emit)
+
+    def _layer(self, i: int, x: torch.Tensor, steps: list, cache: list, extras: tuple, emit) -> None:
+        """Layer ``i`` on ``x`` (one frame at a time where it may), then the layers after it, depth first."""
+        if i == len(self.layers):
+            emit(x)
+            return
+        args, kwargs = extras
+        frames = x.shape[2]
+        pieces = [x[:, :, j:j + 1] for j in range(frames)] if self.split[i] and frames > 1 else [x]
+        del x
+        while pieces:
+            piece = pieces.pop(0)
+            start = self.offsets[i]
+            replaced = cache[start:start + self.slots[i]]
+            idx = [start]
+            y = self.layers[i](piece, cache, idx, *args, **kwargs)
+            if idx[0] != start + self.slots[i]:
+                raise ValueError(f"decoder layer {i} used {idx[0] - start} cache slots, expected {self.slots[i]}")
+            ds.keep_cache_frames(replaced, cache, start)
+            ds.compact_cache(cache, start, idx[0])
+            del replaced, piece
+            y = _crop_rows(y, steps[i])
+            self._layer(i + 1, y, steps, cache, extras, emit)
+            del y
+
+
+def _temporal_upsample(layer: nn.Module, conv_type: type) -> bool:
+    """A Wan 2.1-style temporal upsampler (``Resample`` in ``upsample3d`` mode): a causal (3, 1, 1) conv with
+    a two-frame cache doubling channels, then frames interleaved and a per-frame spatial upsample. Fed one
+    frame at a time with its cache carried, it gives the frames it gives for several at once."""
+    return (type(layer).__name__ == "Resample" and getattr(layer, "mode", "") == "upsample3d"
+            and isinstance(getattr(layer, "time_conv", None), conv_type))
+
+
+def _crop_rows(x: torch.Tensor, step) -> torch.Tensor:
+    rows = x.shape[-2]
+    if step.keep_lo == 0 and step.keep_hi == rows:
+        return x
+    return x.narrow(-2, step.keep_lo, step.keep_hi - step.keep_lo).contiguous()
 
 
 # ---------------------------------------------------------------- the decode entry
@@ -445,6 +594,10 @@ def _decode_wan(vae, samples: torch.Tensor, options: DecodeOptions) -> DecodeRes
     # same groups as VAEDecode decodes it.
     est = vae.memory_used_decode(samples.shape, vae.vae_dtype)
     videos = max(1, min(b, int(compat.free_memory_bytes(device_of(vae), vae.patcher) // max(est, 1))))
+    if options.bands != 1:
+        banded = _decode_wan_bands(vae, samples, options, runner, budget, planner, videos, frames_out, out_dtype)
+        if banded is not None:
+            return banded
     units = ds.unit_ranges(t, runner.scheme)
     slices = ds.group_units(units, per_slice)
     writer = None
@@ -479,6 +632,107 @@ def _decode_wan(vae, samples: torch.Tensor, options: DecodeOptions) -> DecodeRes
     images = writer.result()
     images = images.reshape(-1, images.shape[-3], images.shape[-2], images.shape[-1])
     return DecodeResult(images, "wan causal slices", len(slices) * math.ceil(b / videos), per_slice, notes)
+
+
+def _choose_bands(stack: "_BandStack", rows: int, width: int, batch: int, elem: int, options: DecodeOptions,
+                  budget: int) -> int:
+    """Row bands: the node's number, or (auto) the fewest whose largest band cache fits
+    ``min(BAND_CACHE_BYTES, budget / 2)``, at most one band per ``MIN_BAND_ROWS`` latent rows."""
+    if options.bands > 0:
+        return max(1, min(int(options.bands), rows))
+    most = max(1, rows // MIN_BAND_ROWS)
+    target = min(BAND_CACHE_BYTES, budget // 2)
+    scale = math.prod(stack.scales)
+    for n in range(1, most + 1):
+        worst = max(stack.cache_bytes(batch, elem, width, stack.plan(rows, lo * scale, hi * scale))
+                    for lo, hi in ds.split_rows(rows, n))
+        if worst <= target:
+            return n
+    return most
+
+
+def _decode_wan_bands(vae, samples: torch.Tensor, options: DecodeOptions, runner: "WanCausalDecoder", budget: int,
+                      planner: "_RowPlanner | None", videos: int, frames_out: int, out_dtype) -> DecodeResult | None:
+    """Decode in row bands, each through every frame with its own causal cache (None: not for this decode).
+
+    Pass 1 runs conv1 and the middle blocks (whose attention mixes a whole frame) unit by unit with the
+    decoder's own cache and keeps their low-resolution output (on the output device when it is not the
+    VAE's). Pass 2 runs the upsample stack and the head band by band (``_BandStack``) and writes each
+    band's rows of each unit's frames into the output. The device holds one band's cache instead of the
+    whole frame's; the context rows each band recomputes cost time (mostly in the cheap low-resolution
+    layers).
+    """
+    b, _, t, h, w = samples.shape
+    if options.bands == 0 and h < 2 * MIN_BAND_ROWS:
+        return None
+    stack = _BandStack(runner, planner, options.frame_split)
+    conv1 = getattr(runner.decoder, "conv1", None)
+    if not stack.ok or not isinstance(conv1, runner.conv_type):
+        return None
+    device = vae.device
+    first = ((), {"first_chunk": True} if runner.first_chunk else {})
+    probe = torch.zeros((videos, conv1.out_channels, 1, 1, 1), dtype=vae.vae_dtype, device=device)
+    if not stack.measure(probe, first):
+        return None
+    del probe
+    elem = torch.empty((), dtype=vae.vae_dtype).element_size()
+    bands = ds.split_rows(h, _choose_bands(stack, h, w, videos, elem, options, budget))
+    if len(bands) <= 1:
+        return None
+    scale = math.prod(stack.scales)
+    patch = runner.patch if runner.unpatchify is not None else 1
+    units = ds.unit_ranges(t, runner.scheme)
+    store = torch.device(vae.output_device)
+    if store == torch.device(device):
+        store = None
+    pbar = compat.progress_bar(math.ceil(b / videos) * len(units) * (1 + len(bands)))
+    writer = None
+    for bi in range(0, b, videos):
+        mids, extras = [], []
+        feat_map = runner.new_cache()
+        with runner.capture_middle() as capture:
+            for (u0, u1) in units:
+                compat.throw_if_interrupted()
+                z = samples[bi:bi + videos, :, u0:u1].to(vae.vae_dtype).to(device)
+                mid = runner.decode_unit(z, feat_map, first=(u0 == 0), unpatchify=False)
+                del z
+                mids.append(mid.to(store) if store is not None else mid)
+                extras.append(capture.extras)
+                del mid
+                pbar.update(1)
+        del feat_map
+        for lo, hi in bands:
+            steps = stack.plan(h, lo * scale, hi * scale)
+            cache = stack.cache()
+            frame = [0]
+
+            def emit(y, lo=lo):
+                nonlocal writer
+                if patch > 1:
+                    y = runner.unpatchify(y, patch_size=patch)
+                if writer is None:
+                    writer = ds.SliceWriter(b, frames_out, h * scale * patch, y.shape[-1], y.shape[1], vae.output_device,
+                                            out_dtype)
+                frame[0] += writer.write(frame[0], y, vae.process_output, batch_index=bi, row_start=lo * scale * patch)
+
+            for mid, extra in zip(mids, extras):
+                compat.throw_if_interrupted()
+                x = mid.narrow(-2, steps[0].lo, steps[0].hi - steps[0].lo).to(device).contiguous()
+                stack.run(x, steps, cache, extra, emit)
+                del x
+                pbar.update(1)
+            del cache
+        del mids
+    notes = [f"units: {runner.scheme} ({len(units)} decoder calls per video)",
+             f"row bands: {len(bands)} of <= {max(hi - lo for lo, hi in bands)} latent rows, each through every frame "
+             "with its own causal cache (exact halo)"]
+    if any(stack.split):
+        notes.append("layers one frame at a time where they keep or double the frames (causal cache carried)")
+    if planner is not None and planner.max_chunks > 1:
+        notes.append(f"row chunks: up to {planner.max_chunks} per layer (exact halo)")
+    images = writer.result()
+    images = images.reshape(-1, images.shape[-3], images.shape[-2], images.shape[-1])
+    return DecodeResult(images, "wan causal row bands", len(units) * math.ceil(b / videos), 1, notes)
 
 
 def _flush(pieces: list, writer, frame: int, bi: int, b: int, frames_out: int, vae, out_dtype):

@@ -164,7 +164,7 @@ def test_chunking_active_in_computed_steps_of_cached_run(runner, order):
     reason = _lightcache_available()
     if reason:
         pytest.skip(reason)
-    steps, blocks = 8, 2  # the tiny Wan fixture has 2 blocks
+    steps, blocks = 10, 2  # the tiny Wan fixture has 2 blocks
     chunk = ("ChunkedModelPatch", COUNT)
     lc_patch = ("LightCacheModelPatch", CACHE)
     if order == "chunk_then_lightcache_sampler":
@@ -192,7 +192,8 @@ def test_auto_mode_without_pressure_leaves_tiny_model_whole(runner):
 
 
 def test_auto_mode_plans_from_patcher_free_memory_and_budget(comfy_host, caplog):
-    """auto: rows = safety x free // bytes_per_row, free from the patcher's get_free_memory; a budget overrides it."""
+    """auto: rows = share x free // bytes_per_row (a quarter of free memory), free from the patcher's
+    get_free_memory; a budget overrides it."""
     import weakref
 
     cp = chunk_module()
@@ -207,8 +208,8 @@ def test_auto_mode_plans_from_patcher_free_memory_and_budget(comfy_host, caplog)
     planner = cp.Planner(cp.ChunkSettings(policy=cp.ChunkPolicy(mode="auto")), weakref.ref(patcher))
     with caplog.at_level(logging.INFO, logger="LightCache"):
         rows = planner.rows("wan_ffn", 10_000, 1_000, torch.device("cpu"))
-    assert asked and rows == 500  # 0.5 x 1e6 // 1e3
-    assert any("wan_ffn 10000 rows -> 20 chunk(s)" in r.getMessage() for r in caplog.records)
+    assert asked and rows == 250 and cp.AUTO_SHARE == 0.25  # 0.25 x 1e6 // 1e3
+    assert any("wan_ffn 10000 rows -> 40 chunk(s)" in r.getMessage() for r in caplog.records)
     budget = cp.Planner(cp.ChunkSettings(policy=cp.ChunkPolicy(mode="auto", budget_bytes=64_000)), weakref.ref(patcher))
     assert budget.rows("wan_ffn", 10_000, 1_000, torch.device("cpu")) == 64
     count = cp.Planner(cp.ChunkSettings(policy=cp.ChunkPolicy(mode="count", count=3)), None)
@@ -344,3 +345,87 @@ def test_clones_of_a_chunk_patched_model_share_nothing_mutable(runner):
     ref = sample(runner, "wan", [("ChunkedModelPatch", COUNT)], 1)
     first_out = res.output(samplers["first"])["samples"]
     assert torch.equal(first_out, ref), "sampling clones changed what the first patched model computes"
+
+
+# ---------------------------------------------------------------- the chunked Wan block's passes
+
+def _wan_call(patcher, seed=0):
+    """One ``apply_model`` call of the tiny Wan fixture (cond and uncond batched) on 9 x 8 x 8 latent tokens."""
+    import comfy.model_management as mm
+
+    mm.load_models_gpu([patcher])  # applies the object patches
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn((2, 16, 3, 16, 16), generator=gen)
+    context = torch.randn((2, 8, 4096), generator=gen) * 0.5
+    opts = dict(patcher.model_options.get("transformer_options", {}))
+    with torch.inference_mode():
+        return patcher.model.apply_model(x, torch.tensor([0.7, 0.7]), c_crossattn=context, transformer_options=opts)
+
+
+def _projection_rows(patcher):
+    """Rows every q/k/v/o projection of every Wan self-attention sees in one call: {name: rows}."""
+    rows: dict = {}
+    handles = []
+    for name, module in patcher.model.diffusion_model.named_modules():
+        if name.endswith(("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o")):
+            def hook(m, args, name=name.rsplit(".", 1)[1]):
+                rows[name] = rows.get(name, 0) + args[0].numel() // args[0].shape[-1]
+            handles.append(module.register_forward_pre_hook(hook))
+    try:
+        out = _wan_call(patcher)
+    finally:
+        for h in handles:
+            h.remove()
+    return rows, out
+
+
+@pytest.mark.parametrize("path", ["wan_self_attention_patch", "attention_override"])
+def test_chunked_wan_block_runs_each_projection_once_per_token(comfy_host, path, monkeypatch):
+    """Through the Wan self-attention patch the chunked block computes every q, k, v and o row once, as the
+    unpatched model does (keys and values in the first pass, queries and o in the second, the filed rows in
+    the third); through the attention override alone (a self-attention layout the patch does not know) it
+    computes q, k and v twice. Both equal the unpatched call."""
+    import nodes
+
+    cp = chunk_module()
+    base = nodes.UNETLoader().load_unet(fixtures.WAN_T2V.name, "default")[0]
+    ref_rows, ref = _projection_rows(base)
+    if path == "attention_override":
+        monkeypatch.setattr(cp.compat, "wan_self_attention_parts", lambda module: None)
+    patched = base.clone()
+    report = cp.install(patched, cp.ChunkSettings(policy=cp.ChunkPolicy(mode="count", count=3)))
+    assert (report.patched["self_attention"] > 0) == (path == "wan_self_attention_patch")
+    rows, got = _projection_rows(patched)
+    stats = cp.stats_of(patched)
+    assert stats.chunks["wan_block"] == 3 * stats.calls["wan_block"] > 0
+    assert rel_diff(got, ref) <= RTOL
+    if path == "wan_self_attention_patch":
+        assert rows == ref_rows, (rows, ref_rows)
+    else:
+        assert rows["o"] == ref_rows["o"] and all(rows[p] == 2 * ref_rows[p] for p in "qkv"), (rows, ref_rows)
+
+
+def test_chunked_wan_block_releases_keys_and_values_before_its_feed_forward(comfy_host):
+    """The third pass (feed-forward, cross-attention, residuals) runs with the keys and values released and the
+    block's output written over the attention-output buffer: at each FFN call the block holds at most two
+    full-size hidden states of its own (the attention output/block output buffer and the block input)."""
+    import nodes
+
+    cp = chunk_module()
+    base = nodes.UNETLoader().load_unet(fixtures.WAN_T2V.name, "default")[0]
+    patched = base.clone()
+    cp.install(patched, cp.ChunkSettings(policy=cp.ChunkPolicy(mode="count", count=3), ffn=True))
+    seen = []
+    ffn = patched.model.diffusion_model.blocks[0].ffn
+
+    def at_ffn(module, args):
+        state = cp._block_pass()
+        if state is not None:
+            seen.append((state.phase, sorted(k for k, v in state.buffers.items() if isinstance(v, torch.Tensor))))
+
+    handle = ffn.register_forward_pre_hook(at_ffn)
+    try:
+        _wan_call(patched)
+    finally:
+        handle.remove()
+    assert seen and all(phase == "finish" and names == ["y"] for phase, names in seen), seen

@@ -359,3 +359,140 @@ def test_peak_memory_does_not_grow_with_frames(comfy_host, tmp_path):
     work5 = figures[5]["peak"] - figures[5]["output"]
     work21 = figures[21]["peak"] - figures[21]["output"]
     assert work21 <= work5 * 1.25 + 8 * 2**20, figures
+
+
+# ---------------------------------------------------------------- row bands through every frame
+
+@pytest.mark.parametrize("bands,row_chunks,frame_split,batch,shape", [
+    (2, 1, True, 1, (5, 11, 7)),
+    (3, 3, True, 1, (6, 12, 5)),
+    (4, 1, False, 1, (5, 9, 6)),
+    (5, 0, True, 2, (4, 10, 3)),
+    (2, 1, True, 1, (1, 8, 4)),
+])
+def test_wan_row_bands_equal_vaedecode(wan_vae, bands, row_chunks, frame_split, batch, shape):
+    """Row bands, each decoded through every frame with its own causal cache and the rows of context its
+    output needs (cropped after every layer), give VAE Decode's frames: with and without per-layer row chunks,
+    with the layers run one frame at a time or whole units, for batches and single-frame clips."""
+    frames, h, w = shape
+    z = _latent((batch, 16, frames, h, w), seed=frames * 7 + h)
+    ref = _reference(wan_vae, z, ("wan-bands", batch, shape))
+    vs = _slicing()
+    result = vs.decode(wan_vae, z, vs.DecodeOptions(bands=bands, row_chunks=row_chunks, frame_split=frame_split))
+    assert result.path == "wan causal row bands"
+    assert any(n.startswith(f"row bands: {bands} of") for n in result.notes), result.notes
+    assert result.images.shape == ref.shape
+    assert (result.images - ref).abs().max().item() <= 1e-5
+
+
+def test_row_bands_decode_partial_rows_with_a_smaller_cache(wan_vae, monkeypatch):
+    """Guard against a vacuous exactness test: each band's full-resolution layers see fewer rows than the
+    frame has (its rows and their context), and the causal cache a band holds is a fraction of the whole
+    frame's."""
+    vs = _slicing()
+    decoder = wan_vae.first_stage_model.decoder
+    last = decoder.upsamples[-1]
+    rows = []
+    handle = last.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[-2]))
+    caches = []
+    original = vs._BandStack.run
+
+    def spy(self, x, steps, cache, extras, emit):
+        original(self, x, steps, cache, extras, emit)
+        caches.append(sum(t.numel() * t.element_size() for t in cache if isinstance(t, torch.Tensor)))
+
+    monkeypatch.setattr(vs._BandStack, "run", spy)
+    z = _latent((1, 16, 3, 24, 4), seed=21)
+    try:
+        vs.decode(wan_vae, z, vs.DecodeOptions(bands=3, row_chunks=1))  # no per-layer row chunks inside bands
+    finally:
+        handle.remove()
+    rows = rows[1:]  # the first call is the 4 x 4 probe that measures the layers' scales
+    full = 24 * 8
+    assert rows and max(rows) < full and min(rows) >= full // 3, rows
+    # the whole frame's cache: the unit-by-unit decode's, after the same three units
+    runner = vs.WanCausalDecoder(wan_vae.first_stage_model)
+    cache = runner.new_cache()
+    with torch.inference_mode(), runner.lean_layers(None):
+        for u0, u1 in vs.ds.unit_ranges(3, runner.scheme):
+            runner.decode_unit(z[:, :, u0:u1], cache, first=(u0 == 0))
+    whole = sum(t.numel() * t.element_size() for t in cache if isinstance(t, torch.Tensor))
+    assert max(caches) < 0.75 * whole, (max(caches), whole)
+
+
+def test_auto_bands_fit_the_cache_target(wan_vae):
+    """Auto: the fewest bands whose largest band cache fits min(BAND_CACHE_BYTES, budget / 2), at most one
+    band per MIN_BAND_ROWS latent rows; small frames stay whole (the unit-by-unit decode)."""
+    vs = _slicing()
+    runner = vs.WanCausalDecoder(wan_vae.first_stage_model)
+    stack = vs._BandStack(runner, None, True)
+    conv1 = runner.decoder.conv1
+    with torch.inference_mode():
+        assert stack.measure(torch.zeros(1, conv1.out_channels, 1, 1, 1), ((), {}))
+    assert stack.scales.count(2) == 3 and set(stack.scales) == {1, 2}  # three x2 upsamplers: 8x
+
+    def worst(n, rows=90, width=160):
+        return max(stack.cache_bytes(1, 4, width, stack.plan(rows, lo * 8, hi * 8))
+                   for lo, hi in vs.ds.split_rows(rows, n))
+
+    whole = worst(1)
+    assert worst(2) < 0.7 * whole and worst(5) < worst(3) < worst(2)
+    options = vs.DecodeOptions()
+    budget = 2 * worst(3)  # target = budget / 2: three bands fit, two do not
+    assert vs._choose_bands(stack, 90, 160, 1, 4, options, budget) == 3
+    assert whole > vs.BAND_CACHE_BYTES  # this frame's whole cache is above the fixed target: bands even with
+    assert vs._choose_bands(stack, 90, 160, 1, 4, options, 10 * whole) > 1  # all the memory in the world
+    narrow = worst(1, width=16)  # a frame whose whole cache fits the target stays whole
+    assert narrow <= vs.BAND_CACHE_BYTES and vs._choose_bands(stack, 90, 16, 1, 4, options, 10 * whole) == 1
+    assert vs._choose_bands(stack, 90, 160, 1, 4, options, 1) == 90 // vs.MIN_BAND_ROWS
+    assert vs._choose_bands(stack, 90, 160, 1, 4, vs.DecodeOptions(bands=7), 1) == 7
+    # a small frame never takes the band path at auto
+    z = _latent((1, 16, 2, 2 * vs.MIN_BAND_ROWS - 1, 3), seed=5)
+    assert vs.decode(wan_vae, z, vs.DecodeOptions(budget_bytes=1)).path == "wan causal slices"
+
+
+@pytest.mark.parametrize("bands", [2, 3])
+def test_wan22_decoder_in_row_bands_equals_host_decode(comfy_host, bands):
+    """Wan 2.2's decoder (Up_ResidualBlock stages with their own temporal upsampling, first_chunk, a
+    12-channel head and unpatchify) in row bands gives the host's ``WanVAE.decode`` frames."""
+    import types
+
+    from comfy.ldm.wan.vae2_2 import WanVAE
+
+    from harness import fixtures
+
+    vs = _slicing()
+    model = fixtures.seeded_init_(WanVAE(dim=8, dec_dim=16, z_dim=8), seed=22, std=0.1).eval()
+    runner = vs.WanCausalDecoder(model)
+    z = _latent((1, 8, 4, 11, 6), seed=13)
+    vae = types.SimpleNamespace(vae_dtype=torch.float32, device=torch.device("cpu"), output_device=torch.device("cpu"),
+                                process_output=lambda x: x)
+    with torch.inference_mode():
+        ref = model.decode(z)
+        result = vs._decode_wan_bands(vae, z, vs.DecodeOptions(bands=bands), runner, 2**30, None, 1, ref.shape[2],
+                                      torch.float32)
+    assert result is not None and result.path == "wan causal row bands"
+    got = result.images.reshape(1, *ref.shape[2:], ref.shape[1]).movedim(-1, 1)
+    assert got.shape == ref.shape
+    assert (got - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
+
+
+def test_interrupt_during_the_middle_pass_restores_the_decoder(wan_vae, monkeypatch):
+    """The band path swaps the decoder's upsample stack for a capture while it runs the middle blocks; an
+    interrupt there leaves the decoder as it was."""
+    import comfy.model_management as mm
+
+    vs = _slicing()
+    decoder = wan_vae.first_stage_model.decoder
+    before = (decoder.upsamples, decoder.head)
+    calls = []
+
+    def interrupt():
+        calls.append(1)
+        if len(calls) == 2:
+            raise mm.InterruptProcessingException()
+
+    monkeypatch.setattr(vs.compat, "throw_if_interrupted", interrupt)
+    with pytest.raises(mm.InterruptProcessingException):
+        vs.decode(wan_vae, _latent((1, 16, 3, 8, 4), seed=2), vs.DecodeOptions(bands=2))
+    assert (decoder.upsamples, decoder.head) == before

@@ -54,6 +54,23 @@ def test_plan_auto_budget_and_free_memory():
     assert plan_chunk_rows(0, 10, free_policy) == 1
 
 
+def test_plan_auto_with_fixed_and_whole_working_sets():
+    """auto: whole when the unchunked op fits the budget; else chunks that fit next to what the chunked op
+    holds at full size, never more than max_chunks."""
+    policy = ChunkPolicy(mode="auto", budget_bytes=1000)
+    # per-row estimate says 100 x 20 = 2000 > 1000, but the unchunked op really needs only 900: whole
+    assert plan_chunk_rows(100, 20, policy, whole_bytes=900) == 100
+    # it needs 5000 whole: chunks of (1000 - 400 fixed) // 20 = 30 rows
+    assert plan_chunk_rows(100, 20, policy, fixed_bytes=400, whole_bytes=5000) == 30
+    # the fixed part alone exceeds the budget: as many chunks as allowed, no more
+    assert plan_chunk_rows(100, 20, policy, fixed_bytes=2000, max_chunks=4) == 25
+    assert plan_chunk_rows(100, 20, policy, fixed_bytes=2000) == 1
+    # free memory instead of a budget: the share of it
+    assert plan_chunk_rows(100, 20, ChunkPolicy(mode="auto"), free_bytes=4000, safety=0.25, fixed_bytes=400) == 30
+    # count/size ignore all of it
+    assert plan_chunk_rows(100, 20, ChunkPolicy(mode="count", count=4), fixed_bytes=10**9, max_chunks=2) == 25
+
+
 @pytest.mark.parametrize("kwargs", [dict(mode="bogus"), dict(count=0), dict(mode="size", size=0),
                                     dict(budget_bytes=-1)])
 def test_policy_validation(kwargs):

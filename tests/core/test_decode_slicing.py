@@ -225,3 +225,90 @@ def test_row_chunked_call_rewrites_cache_slots_in_place():
         ref = block(x, ref_cache, [0])
     assert cache[0] is slot
     assert torch.allclose(got, ref, atol=1e-5, rtol=0) and torch.allclose(cache[0], ref_cache[0], atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- row bands through a stack
+
+
+def test_band_plan_back_propagates_rows_and_context():
+    # stack: conv (halo 1), x2 upsampler (halo 1), conv (halo 2); 10 input rows -> 20 output rows
+    steps = ds.band_plan(10, [1, 2, 1], [1, 1, 2], 8, 14)
+    last, up, first = steps[2], steps[1], steps[0]
+    assert (last.lo, last.hi) == (6, 16) and (last.keep_lo, last.keep_hi) == (2, 8)  # 8..14 with 2 rows each side
+    assert (up.lo, up.hi) == (2, 9) and (up.keep_lo, up.keep_hi) == (6 - 4, 16 - 4)
+    assert (first.lo, first.hi) == (1, 10) and (first.keep_lo, first.keep_hi) == (1, 8)
+    # at the frame's edges no context is needed (the band's padding is the frame's)
+    top = ds.band_plan(10, [1, 2, 1], [1, 1, 2], 0, 4)
+    assert top[0].lo == 0 and top[-1].keep_lo == 0
+    bottom = ds.band_plan(10, [1, 2, 1], [1, 1, 2], 16, 20)
+    assert bottom[0].hi == 10 and bottom[-1].keep_hi - bottom[-1].keep_lo == 4
+    with pytest.raises(ValueError):
+        ds.band_plan(10, [1, 2], [1], 0, 4)
+    with pytest.raises(ValueError):
+        ds.band_plan(10, [2], [1], 0, 21)
+
+
+class _ConvStack(nn.Module):
+    """Convs (3x3 and 5x5, 'same' padding), a nearest x2 upsampler and pointwise ops: a spatially local stack."""
+
+    def __init__(self):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.layers = nn.ModuleList([nn.Conv2d(3, 4, 3, padding=1), nn.Sequential(nn.Upsample(scale_factor=2.0, mode="nearest"),
+                                     nn.Conv2d(4, 4, 3, padding=1)), nn.Conv2d(4, 2, 5, padding=2)])
+        for p in self.parameters():
+            p.data = torch.randn(p.shape, generator=gen) * 0.3
+        self.scales, self.halos = [1, 2, 1], [1, 1, 2]
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return x
+
+
+@pytest.mark.parametrize("bands", [2, 3, 5])
+def test_bands_through_a_stack_equal_the_whole_frame(bands):
+    """Each band: its planned input rows, every layer cropped to the rows the next one needs; stitched, the
+    bands are the whole-frame output."""
+    stack = _ConvStack()
+    x = torch.randn(1, 3, 23, 9, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = stack(x)
+        out = torch.empty_like(ref)
+        for lo, hi in ds.split_rows(23, bands):
+            steps = ds.band_plan(23, stack.scales, stack.halos, 2 * lo, 2 * hi)
+            y = x[..., steps[0].lo:steps[0].hi, :]
+            for layer, step in zip(stack.layers, steps):
+                y = torch.tanh(layer(y))[..., step.keep_lo:step.keep_hi, :]
+            out[..., 2 * lo:2 * hi, :] = y
+    assert torch.allclose(out, ref, atol=1e-6)
+    # too little context is not exact: the plan's halo is what makes it so
+    steps = ds.band_plan(23, stack.scales, [0, 0, 0], 20, 30)
+    y = x[..., steps[0].lo:steps[0].hi, :]
+    for layer, step in zip(stack.layers, steps):
+        y = torch.tanh(layer(y))[..., step.keep_lo:step.keep_hi, :]
+    assert not torch.allclose(y, ref[..., 20:30, :], atol=1e-4)
+
+
+def test_split_rows_and_compact_cache():
+    assert ds.split_rows(10, 3) == [(0, 3), (3, 7), (7, 10)]
+    assert ds.split_rows(2, 5) == [(0, 1), (1, 2)]
+    x = torch.randn(1, 2, 5, 3, 3)
+    view = x[:, :, -2:]
+    own = torch.randn(1, 2, 2, 3, 3)
+    cache = [view, own, "Rep", None]
+    ds.compact_cache(cache)
+    assert cache[0] is not view and torch.equal(cache[0], view)
+    assert cache[0].untyped_storage().nbytes() == view.numel() * view.element_size()
+    assert cache[1] is own and cache[2:] == ["Rep", None]
+
+
+def test_slice_writer_writes_row_bands():
+    writer = ds.SliceWriter(1, 2, 6, 4, 3, "cpu", torch.float32)
+    top = torch.ones(1, 3, 2, 4, 4)
+    bottom = torch.full((1, 3, 2, 2, 4), 2.0)
+    assert writer.write(0, top, row_start=0) == 2 and writer.write(0, bottom, row_start=4) == 2
+    out = writer.result()[0]
+    assert torch.equal(out[:, :4], torch.ones(2, 4, 4, 3)) and torch.equal(out[:, 4:], torch.full((2, 2, 4, 3), 2.0))
+    with pytest.raises(ValueError):
+        writer.write(0, torch.ones(1, 3, 2, 3, 4), row_start=4)  # past the last row

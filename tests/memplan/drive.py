@@ -244,13 +244,17 @@ def easycache(patcher, threshold: float = 0.2, start: float = 0.15, end: float =
     return _node_output(out)
 
 
-def chunked(patcher, mode: str = "auto", count: int = 4, budget_mb: int = 0):
-    """This pack's Chunked Model Patch installers on a clone (``nodes/chunk_patches.install``)."""
+def chunked(patcher, mode: str = "auto", count: int = 4, budget_mb: int = 0, free_memory: Callable | None = None):
+    """This pack's Chunked Model Patch installers on a clone (``nodes/chunk_patches.install``).
+
+    ``free_memory(device) -> bytes``: what ``auto`` plans with instead of the device's own figure."""
     chunk_patches = host_module("nodes.chunk_patches")
     from lightcache_core.chunking import ChunkPolicy
 
     clone = patcher.clone()
-    settings = chunk_patches.ChunkSettings(policy=ChunkPolicy(mode=mode, count=count, budget_bytes=budget_mb * 2**20))
+    extra = {"free_memory": free_memory} if free_memory is not None else {}
+    settings = chunk_patches.ChunkSettings(policy=ChunkPolicy(mode=mode, count=count, budget_bytes=budget_mb * 2**20),
+                                           **extra)
     chunk_patches.install(clone, settings)
     return clone
 

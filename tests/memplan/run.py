@@ -46,10 +46,38 @@ CHUNK_COUNT = 4  # the Chunked Model Patch node's `chunks` default
 SLICED_BUDGET = "Sliced VAE Decode (budget_mb 1024)"
 
 KSAMPLER = "KSampler"
+# Chunked Model Patch at `auto` on cards smaller than the traced device: its planner reads the free memory such a
+# card has while the sampler runs (``card_free_bytes``); the model code, its weights on the traced device and
+# ComfyUI's CFG batching stay those of the traced device, so the rows compare with the KSampler row.
+CARDS = {"24 GB card": 24, "80 GB card": 80}
+AUTO_CARD_CONFIGS = [f"KSampler + Chunked Model Patch (auto, {card})" for card in CARDS]
 DIT_CONFIGS = [KSAMPLER, "EasyCache", "LightCache cache_device gpu", "LightCache cache_device cpu",
-               "LightCache cache_device auto", "KSampler + Chunked Model Patch (auto)",
+               "LightCache cache_device auto", "KSampler + Chunked Model Patch (auto)", *AUTO_CARD_CONFIGS,
                f"KSampler + Chunked Model Patch (count {CHUNK_COUNT})",
                f"LightCache cpu + Chunked Model Patch (count {CHUNK_COUNT})"]
+CUDA_CONTEXT_GIB = 0.5  # what the CUDA context and the allocator hold before any tensor (not traced)
+
+
+def card_free_bytes(patcher, latent_shape: tuple, card_gib: float, weights_bytes: int) -> tuple[int, str]:
+    """Free device bytes while sampling on a ``card_gib`` card, and how they were reached.
+
+    ComfyUI (``sampler_helpers.prepare_sampling`` -> ``load_models_gpu``) keeps its own estimate of one
+    evaluation's activations (``BaseModel.memory_required`` of a batch of one) plus its inference reserve free,
+    and loads as much of the weights as fits in the rest (the others stream from the host); a card that holds
+    every weight has what the weights leave.
+    """
+    import comfy.model_management as mm
+
+    from memplan.drive import GiB
+
+    card = int(card_gib * GiB) - int(CUDA_CONTEXT_GIB * GiB)
+    estimate = int(patcher.model.memory_required([1] + list(latent_shape[1:])))
+    keep_free = estimate + int(mm.minimum_inference_memory()) + int(mm.extra_reserved_memory())
+    resident = max(0, min(int(weights_bytes), card - keep_free))
+    free = card - resident
+    how = (f"{card_gib:g} GB card: {free / GiB:.1f} GiB free while sampling ({resident / GiB:.1f} GiB of weights "
+           f"resident, ComfyUI's estimate {estimate / GiB:.1f} GiB + reserve; CFG batching as traced)")
+    return free, how
 
 
 def boot_host():
@@ -129,6 +157,16 @@ def trace_dit(spec_name: str, width: int, height: int, frames: int, device_bytes
             traces["EasyCache"] = run(drive.easycache(patcher), 2)
         if "KSampler + Chunked Model Patch (auto)" in wanted:
             traces["KSampler + Chunked Model Patch (auto)"] = run(drive.chunked(patcher, "auto", CHUNK_COUNT), 1)
+        for card, gib in CARDS.items():
+            config = f"KSampler + Chunked Model Patch (auto, {card})"
+            if config in wanted and gpu:
+                free, how = card_free_bytes(patcher, latent, gib, weights)
+
+                def card_free(device, free=free):  # less what the run holds above the weights
+                    return max(free - max(tracker.current - base, 0), 0)
+
+                traces[config] = run(drive.chunked(patcher, "auto", CHUNK_COUNT, free_memory=card_free), 1)
+                traces[config]["free_memory"] = how
         if any("count" in c for c in wanted):
             traces[chunk_count] = run(drive.chunked(patcher, "count", CHUNK_COUNT), 1)
         hook.remove()
@@ -149,6 +187,8 @@ def trace_dit(spec_name: str, width: int, height: int, frames: int, device_bytes
             t, fp = ks, footprints[config.rsplit(" ", 1)[1]]
         elif config.startswith("LightCache cpu + Chunked"):
             t, fp = traces[chunk_count], footprints["cpu"]
+        elif config not in traces:  # a card row on the CPU (no card to model)
+            continue
         else:
             t = traces[config]
         rec = {"model": spec.name, "size": size, "config": config, "peak_bytes": int(t["peak"]),
@@ -179,6 +219,8 @@ def trace_dit(spec_name: str, width: int, height: int, frames: int, device_bytes
             rec["dominant"] = "; ".join([rec["dominant"]] + extra)
         rec["activation_bytes"] = rec["peak_bytes"] - rec["weights_bytes"]
         rec["peak_above_start_bytes"] = rec["peak_bytes"] - t["start"]
+        if t.get("free_memory"):
+            rec["planner_free_memory"] = t["free_memory"]
         if t["leaked"]:
             rec["note"] = f"{drive.fmt_bytes(t['leaked'])} still live after the run"
         records.append(rec)
@@ -278,6 +320,11 @@ def table(records: list[dict], device_gib: float, host: str) -> str:
                      f"{r['weights_bytes'] / GiB:.2f} | {(r['peak_bytes'] - r['weights_bytes']) / GiB:.2f} | "
                      f"{'–' if ratio is None else f'{ratio:.3f}x'} | {'–' if aratio is None else f'{aratio:.3f}x'} | "
                      f"{r.get('dominant', '')} |")
+    cards = [r for r in records if r.get("planner_free_memory")]
+    if cards:
+        lines += ["", "`auto` on a smaller card: the planner reads the free memory that card has while sampling "
+                  "(the trace itself runs on the pretend device, with its CFG batching):"]
+        lines += [f"- {r['model']} {r['size']}, {r['planner_free_memory']}" for r in cards]
     return "\n".join(lines)
 
 

@@ -63,7 +63,8 @@ class LiveBytes(TorchDispatchMode):
 
     def __enter__(self):
         pre = torch.nn.modules.module.register_module_forward_pre_hook(self._push)
-        post = torch.nn.modules.module.register_module_forward_hook(self._pop)
+        # always_call: a forward that raises (a chunked block stops a pass by raising) still pops its module
+        post = torch.nn.modules.module.register_module_forward_hook(self._pop, always_call=True)
         self._hooks = [pre, post]
         return super().__enter__()
 
