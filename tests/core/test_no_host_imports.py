@@ -1,7 +1,8 @@
 """lightcache_core must stay host-independent: no ComfyUI imports, only relative
 imports inside the package, and only torch/einops/stdlib from outside. The diffusers
-adapter may import diffusers, but only inside functions (when a cache is applied):
-importing the core, adapter included, loads neither ComfyUI nor diffusers."""
+adapter (the ``diffusers_adapter`` package) may import diffusers, but only inside functions
+(when a cache is applied): importing the core, adapter included, loads neither ComfyUI nor diffusers.
+The static checks walk every file under ``lightcache_core``, subpackages included."""
 
 import ast
 import subprocess
@@ -14,8 +15,19 @@ from harness.corelink import PYPATH
 
 HOST_MODULES = ("comfy", "nodes", "folder_paths", "comfy_api", "comfy_extras")
 OPTIONAL_MODULES = ("diffusers", "transformers")  # the [diffusers] extra; lazily, inside functions only
-LAZY_IMPORTERS = {"diffusers_adapter.py": {"diffusers"}}  # file -> what it may import inside a function
+LAZY_IMPORTERS = {"diffusers_adapter": {"diffusers"}}  # folder under the core -> what its files may import inside a function
 CORE = Path(__file__).resolve().parents[2] / "lightcache_core"
+
+
+def _core_files() -> list[Path]:
+    """Every Python file of the core, subpackages included."""
+    return sorted(CORE.rglob("*.py"))
+
+
+def _lazy_allowed(path: Path) -> set[str]:
+    """What ``path`` may import inside a function: the union over the folders it lies in."""
+    parts = path.relative_to(CORE).parts[:-1]
+    return set().union(*(LAZY_IMPORTERS.get(part, set()) for part in parts))
 
 
 def _import_and_list(tmp_path, module: str, roots: tuple) -> subprocess.CompletedProcess:
@@ -69,20 +81,23 @@ def _imports(path):
 
 def test_static_imports_are_allowed():
     allowed_roots = set(sys.stdlib_module_names) | {"torch", "einops", "__future__"}
-    files = sorted(CORE.glob("*.py"))
-    assert files
+    files = _core_files()
+    assert files and any(p.parent != CORE for p in files), "the walk must reach the subpackages"
     for path in files:
-        lazy = LAZY_IMPORTERS.get(path.name, set())
+        name = path.relative_to(CORE).as_posix()
+        lazy = _lazy_allowed(path)
+        depth = len(path.relative_to(CORE).parts) - 1  # 0 for a top-level module
         for level, module, in_function in _imports(path):
             if level > 0:
+                assert level <= depth + 1, f"{name}: a relative import (level {level}) leaves lightcache_core"
                 continue  # relative import inside the package
             root = module.split(".")[0]
-            assert root not in HOST_MODULES, f"{path.name} imports host module {module}"
-            assert root != "lightcache_core", f"{path.name} must use relative imports, found {module}"
+            assert root not in HOST_MODULES, f"{name} imports host module {module}"
+            assert root != "lightcache_core", f"{name} must use relative imports, found {module}"
             if root in lazy:
-                assert in_function, f"{path.name} imports {module} at module level; it must do so inside a function"
+                assert in_function, f"{name} imports {module} at module level; it must do so inside a function"
                 continue
-            assert root in allowed_roots, f"{path.name} imports {module}; only torch/einops/stdlib allowed"
+            assert root in allowed_roots, f"{name} imports {module}; only torch/einops/stdlib allowed"
 
 
 def test_the_static_check_sees_a_module_level_diffusers_import():
@@ -96,10 +111,18 @@ def test_the_static_check_sees_a_module_level_diffusers_import():
     assert (0, "diffusers.hooks", False) in found and (0, "diffusers", True) in found
 
 
+def test_lazy_imports_are_allowed_in_the_whole_adapter_package_only():
+    """Every file under ``diffusers_adapter/`` (the package, not one file) may import diffusers lazily; no other."""
+    adapter = sorted((CORE / "diffusers_adapter").rglob("*.py"))
+    assert adapter and all(_lazy_allowed(p) == {"diffusers"} for p in adapter)
+    assert all(_lazy_allowed(p) == set() for p in _core_files() if p not in adapter)
+
+
 def test_text_grep_for_host_imports():
-    for path in sorted(CORE.glob("*.py")):
+    for path in _core_files():
+        name = path.relative_to(CORE).as_posix()
         for number, line in enumerate(path.read_text().splitlines(), 1):
             stripped = line.strip()
             if stripped.startswith(("import ", "from ")):
                 words = stripped.replace(",", " ").split()
-                assert not any(w.split(".")[0] in HOST_MODULES for w in words[1:2]), f"{path.name}:{number}: {line}"
+                assert not any(w.split(".")[0] in HOST_MODULES for w in words[1:2]), f"{name}:{number}: {line}"
