@@ -4,7 +4,7 @@ A UNet with ``N`` down (input) blocks and ``N`` up (output) blocks caches, for
 branch ``b``, the hidden state entering up block ``k = N - 1 - b``; cache steps
 run down blocks ``0..b``, up blocks ``k..N-1`` and the head, and skip the rest.
 The ComfyUI glue (``nodes/unet_cache.py``) and the diffusers adapter
-(``lightcache_core/diffusers_adapter.py``) both build on these; neither the
+(``lightcache_core/diffusers_adapter/``) both build on these; neither the
 settings nor the plan touch a model.
 """
 from __future__ import annotations
