@@ -37,9 +37,10 @@ def _cache_inputs() -> list:
                                "the middle. deepcache: UNet deep features. off: exactly KSampler."),
         io.Float.Input("threshold", default=DEFAULT_THRESHOLD, min=0.0, max=3.0, step=0.01,
                        tooltip="Quality/speed knob: the error the cache may accumulate between full steps. 0 = "
-                               "never reuse (KSampler). Measured on a trained Wan at 30 steps (README): 0.1 about "
-                               "1.7x fewer model evaluations, 0.3 (default) about 2.5x, 0.6 about 3x, 1.0 about 3.5x; "
-                               "raise it for speed, lower it if motion or detail changes."),
+                               "never reuse (KSampler). mix on a trained Wan, 30 steps, CFG 5 (README): 0.1 = 1.7x fewer "
+                               "model evaluations at 54 dB PSNR vs KSampler, 0.3 = 2.5x at 47 dB, 0.6 (default) = 3.1x at "
+                               "42 dB, 1.0 = 3.6x at 39 dB. deepcache: 0.6 = a full UNet step every 3rd step, each +0.3 "
+                               "adds one. Raise it for speed, lower it if motion or detail changes."),
         io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
                        tooltip="Fraction of the steps after which reuse may start."),
         io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
