@@ -1,4 +1,8 @@
-"""Tiny random-weight diffusers pipelines built from configs (no download), for the adapter's tests and bench.
+"""Tiny diffusers pipelines built from configs (no download), for the adapter's tests and bench.
+
+Most have random weights; ``trained_wan_pipeline`` loads the TRAINED tiny Wan 2.1 fixture
+(../shared/fixtures/tiny-wan-trained/, ComfyUI / original-Wan state dict) through diffusers'
+own converter, so fidelity figures on it follow a real denoising trajectory.
 
 The configs are those of diffusers' own tests (shared/reference/anchors.md section 5),
 made a little deeper where the cache needs room to act: the Wan transformer has 4
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -36,6 +41,60 @@ def wan_pipeline(num_layers: int = 4, seed: int = 0):
                        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+TRAINED_WAN_DIR = Path(os.environ.get("LIGHTCACHE_SHARED", Path(__file__).resolve().parents[3] / "shared")) \
+    / "fixtures" / "tiny-wan-trained"
+TRAINED_WAN_SHIFT = 5.0  # the fixture was trained on sigmas shifted by 1 or 5; 5 is ComfyUI's Wan default
+
+
+def trained_wan_transformer(path: Path | None = None):
+    """The fixture's ``WanTransformer3DModel``: dim 256 (2 heads x 128), ffn 768, 6 blocks, in/out 16, text 4096.
+
+    The original-Wan keys go through ``diffusers.loaders.single_file_utils.convert_wan_transformer_to_diffusers``
+    and load with ``strict=True`` (no missing or unexpected key)."""
+    from diffusers import WanTransformer3DModel
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+    from safetensors.torch import load_file
+
+    path = path or TRAINED_WAN_DIR / "tiny_wan_t2v_trained.safetensors"
+    state = convert_wan_transformer_to_diffusers(load_file(str(path)))
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=128, in_channels=16, out_channels=16,
+        text_dim=4096, freq_dim=256, ffn_dim=768, num_layers=6, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+    transformer.load_state_dict(state, strict=True)
+    return transformer.eval()
+
+
+def trained_wan_prompts(path: Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(EMB [9, 4, 4096], COL [4, 16]): rows 0-7 of EMB are the classes, row 8 the empty (negative) prompt."""
+    from safetensors.torch import load_file
+
+    d = load_file(str(path or TRAINED_WAN_DIR / "tiny_wan_t2v_trained.prompts.safetensors"))
+    return d["EMB"], d["COL"]
+
+
+def trained_wan_pipeline(shift: float = TRAINED_WAN_SHIFT):
+    """``WanPipeline`` on the trained fixture. There is no VAE for its latent space: the random tiny VAE only
+    fills the slot (run with ``output_type="latent"``)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, transformer=trained_wan_transformer(), vae=wan_vae(0),
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=shift))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_trained_wan(pipe, prompt: int = 0, seed: int = 1, steps: int = 30, guidance: float = 5.0,
+                    output_type: str = "latent", emb: torch.Tensor | None = None) -> torch.Tensor:
+    """Class ``prompt`` (0-7) at the fixture's size: 128x128 pixels x 17 frames = latent [16, 5, 16, 16]."""
+    if emb is None:
+        emb = trained_wan_prompts()[0]
+    with torch.no_grad():
+        return pipe(prompt_embeds=emb[prompt:prompt + 1], negative_prompt_embeds=emb[8:9], height=128, width=128,
+                    num_frames=17, num_inference_steps=steps, guidance_scale=guidance,
+                    generator=torch.Generator().manual_seed(seed), output_type=output_type).frames
 
 
 def wan_vae(seed: int = 0):
