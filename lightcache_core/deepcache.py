@@ -12,10 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .schedules import nonuniform_full_steps, uniform_full_steps
+from .settings import CACHE_DEVICES as PLACEMENT
 
 SCHEDULES = ("uniform", "nonuniform")
-CACHE_DEVICES = ("auto", "gpu", "cpu")
-PLACEMENT = {"auto": "auto", "gpu": "device", "cpu": "cpu"}
+CACHE_DEVICES = tuple(PLACEMENT)
 NONUNIFORM_MIN_STEPS = 10  # shorter runs (8-step Lightning) use the uniform schedule
 DEFAULT_THRESHOLD = 0.6  # the Sampler's default quality/speed knob maps to DeepCacheSettings()
 

@@ -35,7 +35,8 @@ import torch
 
 from ..lightcache_core import CacheStore, RunReport, StoreConfig
 from ..lightcache_core.engine import MIN_SIGMA, EngineConfig, Evaluation, HybridEngine
-from ..lightcache_core.policy import COMPUTE, GRANULARITIES
+from ..lightcache_core.policy import COMPUTE
+from ..lightcache_core.settings import CACHE_DEVICES, DitCacheSettings, cached_block_range
 from . import compat
 from .run_lifecycle import ProgressText, StepClock, install_wrappers, make_outer_sample_wrapper, run_of
 
@@ -45,8 +46,6 @@ KEY = "lightcache"  # wrapper key and transformer_options key of the (immutable)
 RUN_KEY = "lightcache_run"  # transformer_options key of the run (the run's own model_options only)
 CALL_KEY = "lightcache_call"  # transformer_options key of the evaluation in flight
 
-MODES = ("off", "step", "cfg", "block", "mix")
-CACHE_DEVICES = {"auto": "auto", "gpu": "device", "cpu": "cpu"}
 BRANCH_NAMES = {0: "cond", 1: "uncond"}
 
 
@@ -55,67 +54,38 @@ class LightCacheError(ValueError):
 
 
 @dataclass(frozen=True)
-class CacheConfig:
-    """Immutable node settings stored on the patched model (never per-run state).
+class CacheConfig(DitCacheSettings):
+    """Immutable node settings stored on the patched model (never per-run state): the shared DiT settings
+    (``lightcache_core.settings.DitCacheSettings``) plus what the node learned about the model.
 
-    mode: "step" | "cfg" | "block" | "mix" (mix may choose any of the three).
-    threshold: error budget between full computes (``lightcache_core.policy``); 0 never reuses.
-    start_percent / end_percent: part of the run (fraction of steps) where reuse may happen.
-    cache_device: "auto" | "gpu" | "cpu" (``CacheStore`` placement).
-    warmup_steps / final_compute_steps: steps that always compute at the start / end.
-    max_consecutive_reuse: safety cap on reuses in a row (0 = none); the threshold ends runs.
-    block_first / block_last: blocks always computed before / after the cached range.
     block_layout: ``((block_name, count), ...)`` from ``compat.dit_block_layout``.
-    extrapolation: damping of the first-order prediction of reused outputs (0 = hold).
+    verbose: log each decision.
     """
 
-    mode: str = "mix"
-    threshold: float = 0.6
-    start_percent: float = 0.0
-    end_percent: float = 1.0
-    cache_device: str = "auto"
-    warmup_steps: int = 3
-    final_compute_steps: int = 1
-    max_consecutive_reuse: int = 8
-    block_first: int = 1
-    block_last: int = 1
     block_layout: tuple | None = None
-    extrapolation: float = 0.5
     verbose: bool = False
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise LightCacheError(f"cache_mode {self.mode!r} is not one of {MODES}.")
-        if self.cache_device not in CACHE_DEVICES:
-            raise LightCacheError(f"cache_device {self.cache_device!r} is not one of {tuple(CACHE_DEVICES)}.")
-        for name in ("warmup_steps", "final_compute_steps", "max_consecutive_reuse", "block_first", "block_last"):
-            if getattr(self, name) < 0:
-                raise LightCacheError(f"{name} must be >= 0, got {getattr(self, name)}.")
         try:
-            self.engine_config()
+            super().__post_init__()
         except ValueError as exc:
             raise LightCacheError(str(exc)) from exc
 
     def granularities(self) -> tuple[str, ...]:
         """The reuse granularities this mode may choose (block only where the model has a range)."""
-        wanted = GRANULARITIES if self.mode == "mix" else (self.mode,) if self.mode in GRANULARITIES else ()
-        return tuple(g for g in wanted if g != "block" or self.block_range() is not None)
+        return self.granularities_for(self.block_range() is not None)
 
     def engine_config(self) -> EngineConfig:
-        return EngineConfig(granularities=self.granularities(), threshold=float(self.threshold),
-                            start_percent=self.start_percent, end_percent=self.end_percent,
-                            warmup_steps=self.warmup_steps, final_compute_steps=self.final_compute_steps,
-                            max_consecutive_reuse=self.max_consecutive_reuse, extrapolation=self.extrapolation,
-                            block_cost=self.block_cost(), placement=CACHE_DEVICES[self.cache_device])
+        rng = self.block_range()
+        cached = rng[2] - rng[1] if rng is not None else 0
+        return self.engine_config_for(cached, sum(n for _, n in (self.block_layout or [])))
 
     def block_range(self) -> tuple[str, int, int] | None:
         """(segment, start, end): the cached middle range, end exclusive.
 
-        The range lies inside one segment (the longest; block shapes change
-        between HunyuanVideo's double and single segments).  ``block_first``
-        counts from the model's first block, ``block_last`` from its last; when
-        the model is too shallow, ``block_last`` then ``block_first`` shrink so
-        at least one block is cached.
+        The range lies inside one segment (the longest; block shapes change between HunyuanVideo's
+        double and single segments). ``block_first`` counts from the model's first block, ``block_last``
+        from its last (``settings.cached_block_range`` shrinks them on shallow models).
         """
         layout = list(self.block_layout or [])
         if not layout:
@@ -124,21 +94,8 @@ class CacheConfig:
         name, length = layout[seg_index]
         first = self.block_first if seg_index == 0 else 0
         last = self.block_last if seg_index == len(layout) - 1 else 0
-        while length - first - last < 1 and last > 0:
-            last -= 1
-        while length - first - last < 1 and first > 0:
-            first -= 1
-        if length - first - last < 1:
-            return None
-        return name, first, length - last
-
-    def block_cost(self) -> float:
-        """Fraction of the model's block evaluations a block-reuse evaluation still runs."""
-        rng = self.block_range()
-        total = sum(n for _, n in (self.block_layout or []))
-        if rng is None or total == 0:
-            return 1.0
-        return 1.0 - (rng[2] - rng[1]) / total
+        rng = cached_block_range(length, first, last)
+        return None if rng is None else (name, rng[0], rng[1])
 
 
 class DitRun:
