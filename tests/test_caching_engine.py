@@ -14,6 +14,7 @@ import torch
 
 from harness import fixtures, graphs
 from harness.graphs import Graph, out
+from harness.model_nodes import ModelPatchNode
 from harness.runner import PromptFailed
 
 STEPS = 20
@@ -208,17 +209,9 @@ def test_stacked_easycache_is_refused_with_the_fix(runner):
     assert "EasyCache" in message and "Fix" in message and "LightCache Sampler" in message
 
 
-class _InjectVace:
+class _InjectVace(ModelPatchNode):
     """MODEL -> MODEL whose DIFFUSION_MODEL wrapper passes a ``vace_context`` the way VaceWanModel's loader does
     (plain Wan ignores the extra keyword), so the engine sees a side input added inside the block loop."""
-
-    CATEGORY = "_for_testing/lightcache"
-    FUNCTION = "patch"
-    RETURN_TYPES = ("MODEL",)
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"model": ("MODEL", {"tooltip": "model"})}}
 
     def patch(self, model):
         import comfy.patcher_extension
@@ -262,19 +255,12 @@ def test_block_reuse_turns_off_with_side_inputs(runner, comfy_host):
 
 # ----------------------------------------------------------------------------- threads (multi-GPU CFG split)
 
-class _ThreadedBranches:
+class _ThreadedBranches(ModelPatchNode):
     """MODEL -> MODEL whose CALC_COND_BATCH wrapper (inside LightCache's) runs each CFG branch on its own thread
     at the same time, sharing ``transformer_options``, as the host's multi-GPU CFG split does with one thread
     per device. A barrier makes the two branches' block loops overlap."""
 
-    CATEGORY = "_for_testing/lightcache"
-    FUNCTION = "patch"
-    RETURN_TYPES = ("MODEL",)
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"model": ("MODEL", {"tooltip": "model"}),
-                             "threads": ("BOOLEAN", {"default": True, "tooltip": "False: the same calls, one after the other"})}}
+    EXTRA_INPUTS = {"threads": ("BOOLEAN", {"default": True, "tooltip": "False: the same calls, one after the other"})}
 
     def patch(self, model, threads):
         import concurrent.futures
@@ -421,18 +407,10 @@ def test_lora_works_with_the_cache(runner, models_dir):
     assert _psnr(cached, with_lora) > _psnr(cached, without)  # the cache predicts the LoRA'd model, not the base
 
 
-class _CompileEager:
+class _CompileEager(ModelPatchNode):
     """MODEL -> MODEL: ComfyUI's own torch.compile helper (what TorchCompileModel calls) with the cheap 'eager'
     backend, so the test does not spend minutes in inductor; the model patcher ends up exactly as
     TorchCompileModel leaves it (its APPLY_MODEL wrapper and compile kwargs)."""
-
-    CATEGORY = "_for_testing/lightcache"
-    FUNCTION = "patch"
-    RETURN_TYPES = ("MODEL",)
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"model": ("MODEL", {"tooltip": "model"})}}
 
     def patch(self, model):
         from comfy_api.torch_helpers import set_torch_compile_wrapper
@@ -521,17 +499,9 @@ def test_context_windows_keep_one_cache_each(runner, comfy_host, monkeypatch):
     assert _psnr(res.output(ids["sampler"])["samples"], reference) >= 30.0, res.output(ids["sampler"], 1)
 
 
-class _ListOutputs:
+class _ListOutputs(ModelPatchNode):
     """MODEL -> MODEL whose innermost DIFFUSION_MODEL wrapper returns a list (video, audio), the shape
     LTX-2's audio+video model gives: the cache must refuse it clearly instead of failing inside torch."""
-
-    CATEGORY = "_for_testing/lightcache"
-    FUNCTION = "patch"
-    RETURN_TYPES = ("MODEL",)
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"model": ("MODEL", {"tooltip": "model"})}}
 
     def patch(self, model):
         import comfy.patcher_extension

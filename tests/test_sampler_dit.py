@@ -15,6 +15,7 @@ import torch
 
 from harness import fixtures, graphs
 from harness.graphs import Graph, out
+from harness.model_nodes import ModelPatchNode
 from harness.runner import PromptFailed
 
 STEPS = 10  # more than the few-step rule's 8, so reuse may happen
@@ -59,7 +60,7 @@ def _dit_cache_module():
 
 # ----------------------------------------------------------------------------- test-only nodes
 
-class _SplitCFG:
+class _SplitCFG(ModelPatchNode):
     """MODEL -> MODEL that makes ComfyUI run cond and uncond in separate calls.
 
     Real mechanism: ``_calc_cond_batch`` batches conds only while
@@ -67,31 +68,16 @@ class _SplitCFG:
     BaseModel's ``memory_usage_factor`` makes every batch "too big".
     """
 
-    CATEGORY = "_for_testing/lightcache"
-    FUNCTION = "patch"
-    RETURN_TYPES = ("MODEL",)
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"model": ("MODEL", {"tooltip": "model"})}}
-
     def patch(self, model):
         m = model.clone()
         m.add_object_patch("memory_usage_factor", 1e12)
         return (m,)
 
 
-class _RaiseMidRun:
+class _RaiseMidRun(ModelPatchNode):
     """MODEL -> MODEL whose DIFFUSION_MODEL wrapper raises on the n-th call."""
 
-    CATEGORY = "_for_testing/lightcache"
-    FUNCTION = "patch"
-    RETURN_TYPES = ("MODEL",)
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"model": ("MODEL", {"tooltip": "model"}),
-                             "after": ("INT", {"default": 5, "tooltip": "calls before raising"})}}
+    EXTRA_INPUTS = {"after": ("INT", {"default": 5, "tooltip": "calls before raising"})}
 
     def patch(self, model, after):
         import comfy.patcher_extension

@@ -36,6 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.framework import RESULTS, BenchCase  # noqa: E402
+from harness.model_nodes import ModelPatchNode  # noqa: E402
 
 GROUP = "sampler"
 WAN = {"steps": 30, "cfg": 5.0, "pairs": [(p, s) for p in (0, 2, 5, 7) for s in (1, 2)], "quick": [(0, 1), (5, 2)]}
@@ -49,17 +50,10 @@ DEEPCACHE_THRESHOLDS = [0.3, 0.6, 0.9, 1.2]
 
 # ----------------------------------------------------------------------------- test-only pieces
 
-class UniformScheduleNode:
+class UniformScheduleNode(ModelPatchNode):
     """MODEL -> MODEL: the fixed uniform reuse schedule (the baseline of the issue), never shipped."""
 
-    CATEGORY = "_for_testing/lightcache"
-    FUNCTION = "patch"
-    RETURN_TYPES = ("MODEL",)
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"model": ("MODEL", {"tooltip": "model"}),
-                             "k": ("INT", {"default": 2, "min": 1, "max": 100, "tooltip": "compute every k-th step"})}}
+    EXTRA_INPUTS = {"k": ("INT", {"default": 2, "min": 1, "max": 100, "tooltip": "compute every k-th step"})}
 
     def patch(self, model, k):
         import comfy.patcher_extension
