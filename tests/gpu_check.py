@@ -397,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     from harness import host
     from memplan import run as memplan
 
-    memplan_boot(opts.dry)
+    memplan.boot_host(cpu=opts.dry)
     _specs()
     device = torch.device("cpu") if opts.dry else torch.device("cuda", torch.cuda.current_device())
     dtype = torch.float32 if opts.dry else torch.bfloat16
@@ -436,22 +436,6 @@ def main(argv: list[str] | None = None) -> int:
         failed.append({"config": "cuda tests"})
     del host
     return 1 if failed else 0
-
-
-def memplan_boot(dry: bool):
-    """Boot the host like memplan does (PyTorch attention), on the CPU only for --dry."""
-    from harness import host
-
-    path = host.comfyui_path()
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
-    use_overlay = getattr(host, "use_overlay", None)
-    if callable(use_overlay):
-        use_overlay()
-    from comfy.cli_args import args
-
-    args.use_pytorch_cross_attention = True
-    return host.boot(Path(os.environ.get("LIGHTCACHE_MODELS_DIR", host.CACHE / "models")), cpu=dry)
 
 
 if __name__ == "__main__":

@@ -80,8 +80,10 @@ def card_free_bytes(patcher, latent_shape: tuple, card_gib: float, weights_bytes
     return free, how
 
 
-def boot_host():
-    """Boot ComfyUI (``LIGHTCACHE_HOST`` picks which) with PyTorch attention, as on an NVIDIA machine."""
+def boot_host(cpu: bool = True):
+    """Boot ComfyUI (``LIGHTCACHE_HOST`` picks which) with PyTorch attention, as on an NVIDIA machine.
+
+    cpu: boot with ``--cpu`` (traces and dry runs); ``make gpu-check`` passes False to use the GPU."""
     from harness import host
 
     path = host.comfyui_path()
@@ -93,7 +95,7 @@ def boot_host():
     from comfy.cli_args import args
 
     args.use_pytorch_cross_attention = True  # ComfyUI's attention on NVIDIA: PyTorch SDPA
-    return host.boot(Path(os.environ.get("LIGHTCACHE_MODELS_DIR", host.CACHE / "models")))
+    return host.boot(Path(os.environ.get("LIGHTCACHE_MODELS_DIR", host.CACHE / "models")), cpu=cpu)
 
 
 def host_label() -> str:
